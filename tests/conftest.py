@@ -1,0 +1,33 @@
+"""Shared fixtures: one micro world per test session, and helpers to run the scripts as a student would."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_script(*args, check=True, timeout=600):
+    """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def one_line_error(p):
+    """A bad input must give a non-zero exit, one line on stderr and no traceback."""
+    lines = [l for l in p.stderr.splitlines() if l.strip() and "%|" not in l]
+    return p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in p.stderr
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory):
+    """Stage 0 at the micro preset, shared by every test that needs data."""
+    out = tmp_path_factory.mktemp("micro")
+    run_script("render.py", "--preset", "micro", "--out", out)
+    return out
