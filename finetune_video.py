@@ -100,17 +100,6 @@ def image_model_path(cfg):
     own = Path(cfg.out) / "1_video/image_model.safetensors"
     return Path(cfg.image_model) if cfg.image_model else own if own.is_file() else Path(f"weights/image_model_{cfg.preset}.safetensors")
 
-def load_unet(path, frames=0, kind="image_model"):
-    """Rebuild a UNet from a checkpoint's own config; frames > 0 adds temporal layers (zero-init
-    when the checkpoint has none)."""
-    tensors, conf, meta = model.load_checkpoint(path, kind, "python finetune_video.py --phase " + kind.split("_")[0])
-    conf = dict(conf, frames=frames or conf["frames"])
-    unet = model.UNet(**conf)
-    if kind == "image_model":
-        tensors = dict(tensors, **{k: v for k, v in unet.state_dict().items() if k.startswith("temporal.")})
-    model.load_weights(unet, tensors, path)
-    return unet, meta
-
 # ----------------------------------------------------------------------------- training loop (both phases)
 
 def train(cfg, unet, trainable, get_batch, steps, lr, ema_decay, frames, name, out, device, rank, world, on_sample):
@@ -196,8 +185,8 @@ def save_grid(path, rows, scale=3):
 def evaluate(cfg, out, device, views, res, data):
     """Orbits from (view 0, caption) of held-out assets: (a) video model, (b) image model frame by
     frame with the same noise, (c) copy of the input view, (d) white. PSNR/SSIM over views 1..V-1."""
-    video, _ = load_unet(out / "video_model.safetensors", kind="video_model")
-    image, _ = load_unet(out / "image_model.safetensors")
+    video, _ = model.load_unet(out / "video_model.safetensors", "video_model", "python finetune_video.py --phase video")
+    image, _ = model.load_unet(out / "image_model.safetensors", "image_model", "python finetune_video.py --phase image")
     video, image = video.to(device).eval(), image.to(device).eval()
     true, caps = load_orbits(data / "assets/test", views, res, cfg.n_eval)        # (N,V,3,H,W)
     ids, unknown = video.text.tokenize(caps)
@@ -264,7 +253,7 @@ def main():
 
     if "video" in phases:                                              # Sec. 3.1: temporal layers only
         src = image_model_path(cfg)
-        unet, _ = load_unet(src, frames=views)
+        unet, _ = model.load_unet(src, "image_model", "python finetune_video.py --phase image", frames=views)
         if rank == 0 and src.resolve() != (out / "image_model.safetensors").resolve():
             shutil.copyfile(src, out / ".image_model.tmp")
             Path(out / ".image_model.tmp").replace(out / "image_model.safetensors")

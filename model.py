@@ -233,6 +233,17 @@ class UNet(nn.Module):
             k += 1
         return self.out(h)
 
+def load_unet(path, kind, hint, frames=0):
+    """Rebuild a UNet from its checkpoint's own config. frames > 0 on an image model adds
+    zero-initialised temporal layers (the video model at insertion)."""
+    tensors, conf, meta = load_checkpoint(path, kind, hint)
+    unet = UNet(**dict(conf, frames=frames or conf["frames"]))
+    if frames and not conf["frames"]:
+        tensors = dict(tensors, **{k: v for k, v in unet.state_dict().items() if k.startswith("temporal.")})
+    load_weights(unet, tensors, path)
+    return unet, meta
+
+
 # ----------------------------------------------------------------------------- diffusion
 
 def alpha_sigma(t):
@@ -254,12 +265,12 @@ def v_loss(unet, x0, ids, frames=1, clean_first=False):
     return (err * scored).sum() / scored.sum()
 
 @torch.no_grad()
-def sample(unet, ids, frames=1, steps=20, guidance=3.0, first=None, res=None, generator=None):
+def sample(unet, ids, frames=1, steps=20, guidance=3.0, first=None, generator=None, noise=None):
     """DDIM (eta = 0) with classifier-free guidance on the text. ids (B,L); first (B,3,H,W) in
-    [-1,1] is the clean input view for frame 0, or None. -> (B,F,3,H,W) in [-1,1]."""
-    B, res = ids.shape[0], res or unet.config["res"]
-    device = ids.device
-    x = torch.randn(B, frames, 3, res, res, generator=generator).to(device)
+    [-1,1] is the clean input view for frame 0, or None; noise (B,F,3,H,W) replaces the generator's.
+    -> (B,F,3,H,W) in [-1,1]."""
+    B, res, device = ids.shape[0], unet.config["res"], ids.device
+    x = (noise if noise is not None else torch.randn(B, frames, 3, res, res, generator=generator)).to(device).clone()
     null = torch.zeros_like(ids)
     null[:, 0] = 2                                                   # the empty caption: [start] only
     ts = torch.linspace(1, 0, steps + 1, device=device)
@@ -346,6 +357,16 @@ class TriplaneBlock(nn.Module):
         return x + self.mlp(self.n3(x, cam))
 
 
+def sample_planes(planes, pts):
+    """Triplane features at points: planes (B,3,C,P,P) for the xy, xz and yz planes (a plane's
+    columns follow its first axis, its rows the second), points (B,N,3) in [-1,1]^3 -> (B,3C,N).
+    One grid_sample reads all three planes; their features are concatenated (EG3D-style triplanes)."""
+    B, N = pts.shape[:2]
+    uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 1)   # (B,3,N,2)
+    f = F.grid_sample(planes.flatten(0, 1), uv.reshape(B * 3, 1, N, 2), align_corners=False)  # (B*3,C,1,N)
+    return f.view(B, 3 * planes.shape[2], N)
+
+
 class LRM(nn.Module):
     """Image + source camera -> triplane -> NeRF. img (B,3,H,W) in [0,1], cam (B,16) -> planes
     (B,3,C,P,P) for the xy, xz and yz planes of the box [-1,1]^3."""
@@ -370,10 +391,11 @@ class LRM(nn.Module):
         nn.init.constant_(self.decoder[-1].bias[:1], -3.0)                        # start almost empty (white)
         if token_init == "image":                                                 # where each token's plane point lands in the source view
             g = (torch.arange(tokens) + 0.5) / tokens * 2 - 1
-            a, b = torch.meshgrid(g, g, indexing="ij")
-            z = torch.zeros_like(a)
-            pts = torch.stack([torch.stack(p, -1) for p in ((a, b, z), (a, z, b), (z, a, b))]).view(-1, 3)  # xy, xz, yz planes
+            v, u = torch.meshgrid(g, g, indexing="ij")                            # token (row, col) = plane (2nd, 1st) coordinate
+            z = torch.zeros_like(u)
+            pts = torch.stack([torch.stack(p, -1) for p in ((u, v, z), (u, z, v), (z, u, v))]).view(-1, 3)  # xy, xz, yz planes
             uv, _ = render.project(pts, CANONICAL, render.intrinsics(render.FOV), 1)
+            self.register_buffer("token_xyz", pts, persistent=False)
             self.register_buffer("token_uv", (uv * 2 - 1).clamp(-1, 1).view(1, -1, 1, 2), persistent=False)
 
     def forward(self, img, cam, c2w=None, K=None, res=None, crop=None, **render_args):
@@ -398,12 +420,8 @@ class LRM(nn.Module):
         return planes.view(B, 3, *planes.shape[1:])
 
     def field(self, planes, pts):
-        """planes (B,3,C,P,P), points (B,N,3) -> density (B,N) >= 0, colour (B,N,3). One grid_sample
-        reads the xy, xz and yz planes; their features are concatenated (Sec. 3.2 / EG3D triplanes)."""
-        B, N = pts.shape[:2]
-        uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 1)  # (B,3,N,2)
-        f = F.grid_sample(planes.flatten(0, 1), uv.view(B * 3, 1, N, 2), align_corners=False)  # (B*3,C,1,N)
-        out = self.decoder(f.view(B, 3 * planes.shape[2], N))                     # (B,4,N): channels first, no copies
+        """planes (B,3,C,P,P), points (B,N,3) -> density (B,N) >= 0, colour (B,N,3)."""
+        out = self.decoder(sample_planes(planes, pts))                            # (B,4,N): channels first, no copies
         return self.config["density_scale"] * F.softplus(out[:, 0] - 1), torch.sigmoid(out[:, 1:]).transpose(1, 2)
 
     def render(self, planes, c2w, K, res, crop=None, n_coarse=16, n_fine=16, stratified=True):

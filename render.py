@@ -70,7 +70,9 @@ def parse_config(cls, presets, argv=None):
     p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0])
     for f in dataclasses.fields(cls):
         typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type
-        p.add_argument("--" + f.name, type=typ, default=None)
+        p.add_argument("--" + f.name, type=typ, default=None, nargs="?" if f.type is bool else None, const=True if f.type is bool else None)
+        if f.type is bool:                                       # --flag, --flag false, --no_flag
+            p.add_argument("--no_" + f.name, dest=f.name, action="store_const", const=False)
     args = p.parse_args(argv)
     preset = args.preset or cls.preset
     if preset not in presets:

@@ -13,6 +13,7 @@ Run:    python train_lrm.py                                   (tiny: about 15 mi
         torchrun --nproc_per_node=4 train_lrm.py --preset small --device cuda
 """
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +90,16 @@ ARCH = ("patch", "enc_dim", "enc_layers", "dim", "layers", "heads", "tokens", "p
 # ----------------------------------------------------------------------------- data
 
 
-def find_meta(folder, hint):
-    """The meta.json that describes a data folder: its own (stage 2) or stage 0's (assets/train)."""
+def check_data(folder, preset, hint, required):
+    """A data folder's meta.json (its own, or stage 0's for assets/train) must match the preset; a
+    folder of the user's own (--data) may have none."""
     folder = Path(folder)
-    for cand in (folder, folder.parent.parent):
-        if (cand / "meta.json").is_file():
-            return render.read_meta(cand, hint)
-    return render.read_meta(folder, hint)
+    found = [c for c in (folder, folder.parent.parent) if (c / "meta.json").is_file()]
+    if not found and not required:
+        return
+    meta = render.read_meta(found[0] if found else folder, hint)
+    if meta.get("preset") != preset:
+        raise render.DataError(f"{folder}: was made with preset {meta.get('preset')}, not {preset}; rerun `{hint} --preset {preset}`")
 
 
 def load_set(folder, res, hint, limit=None):
@@ -181,8 +185,7 @@ def run(cfg, stage="train_lrm", hint="python generate_views.py"):
     out, data_dir = Path(cfg.out) / cfg.stage_dir, Path(cfg.data or Path(cfg.out) / "2_views")
     meta0 = render.read_meta(Path(cfg.out) / "0_data", "python render.py")
     res = meta0["config"]["res"]
-    if find_meta(data_dir, hint).get("preset") != cfg.preset:
-        raise render.DataError(f"{data_dir}: was made with another preset than {cfg.preset}; rerun `{hint} --preset {cfg.preset}`")
+    check_data(data_dir, cfg.preset, hint, required=not cfg.data)
     data = load_set(data_dir, res, hint)
     test = load_set(Path(cfg.out) / "0_data/assets/test", res, "python render.py", cfg.n_eval)
     arch = {k: getattr(cfg, k) for k in ARCH}
@@ -197,13 +200,13 @@ def run(cfg, stage="train_lrm", hint="python generate_views.py"):
     decay = [p for n, p in lrm.named_parameters() if p.ndim >= 2 and "tokens" not in n and "pos" not in n]
     nodecay = [p for n, p in lrm.named_parameters() if not (p.ndim >= 2 and "tokens" not in n and "pos" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": nodecay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    state_path, start = out / "lrm_state.safetensors", 0
+    state_path, start, losses = out / "lrm_state.safetensors", 0, []
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "resume", "n_eval", "sample_every", "ckpt_every", "mesh_res", "mesh_level")}
     if cfg.resume and state_path.is_file():
         tensors, saved, meta = model.load_checkpoint(state_path, stage + "_state", f"python {stage}.py")
         if saved != conf:
             raise render.DataError(f"{state_path}: from another config; delete it or pass --resume false")
-        start = int(meta["step"])
+        start, losses = int(meta["step"]), json.loads(meta["losses"])
         model.load_weights(lrm, {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}, state_path)
         opt.load_state_dict({"state": {i: {"step": torch.tensor(float(start)), "exp_avg": tensors[f"m{i}"], "exp_avg_sq": tensors[f"v{i}"]}
                                        for i in range(len(params)) if f"m{i}" in tensors}, "param_groups": opt.state_dict()["param_groups"]})
@@ -228,12 +231,13 @@ def run(cfg, stage="train_lrm", hint="python generate_views.py"):
         shown = loss.detach().clone()
         if world > 1:
             dist.all_reduce(shown, op=dist.ReduceOp.AVG)
+        losses.append(round(shown.item(), 6))
         avg = shown.item() if avg is None else 0.95 * avg + 0.05 * shown.item()
         bar.set_postfix(loss=f"{avg:.4f}", ssim=f"{1 - parts['ssim'].item():.3f}", obj_s=f"{(step + 1 - start) * cfg.batch / (time.time() - t0):.1f}")
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             st = opt.state_dict()["state"]
             tensors = {"w." + k: v for k, v in lrm.state_dict().items()} | {f"m{i}": s["exp_avg"] for i, s in st.items()} | {f"v{i}": s["exp_avg_sq"] for i, s in st.items()}
-            model.save_checkpoint(state_path, tensors, stage + "_state", conf, step=step + 1)
+            model.save_checkpoint(state_path, tensors, stage + "_state", conf, step=step + 1, losses=losses)
         if rank == 0 and (step + 1) % cfg.sample_every == 0:
             lrm.eval(), save_samples(out / f"samples/step_{step + 1:06d}.png", lrm, test, device), lrm.train()
     seconds = time.time() - t0

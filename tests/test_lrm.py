@@ -1,0 +1,166 @@
+"""Stages 3-4: the LRM in model.py, train_lrm.py and finetune_3d.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+import render
+import train_lrm
+from conftest import ROOT, one_line_error, run_script
+
+MICRO = train_lrm.Config(**train_lrm.PRESETS["micro"])
+
+
+def micro_lrm(**kw):
+    torch.manual_seed(0)
+    return model.LRM(res=16, **{k: getattr(MICRO, k) for k in train_lrm.ARCH} | kw)
+
+
+def test_lrm_shapes_at_micro():
+    lrm = micro_lrm()
+    img, c2w, K = torch.rand(2, 3, 16, 16), *render.orbit(4)
+    cam = model.camera_vector(c2w[:2], K[:2])
+    planes = lrm(img, cam)
+    assert planes.shape == (2, 3, MICRO.plane_ch, 16, 16)
+    sigma, rgb = lrm.field(planes, torch.rand(2, 50, 3) * 2 - 1)
+    assert sigma.shape == (2, 50) and rgb.shape == (2, 50, 3) and (sigma >= 0).all() and rgb.min() >= 0 and rgb.max() <= 1
+    out, acc = lrm(img, cam, c2w[None].expand(2, 4, 4, 4), K[None].expand(2, 4, 3, 3), 16, (torch.tensor([0] * 8), torch.tensor([4] * 8), 8))
+    assert out.shape == (2, 4, 3, 8, 8) and acc.shape == (2, 4, 1, 8, 8)
+    assert model.camera_vector(c2w, K).shape == (4, 16)
+
+
+def test_triplane_layout_and_lifted_tokens_agree():
+    P = 8
+    g = (torch.arange(P) + 0.5) / P * 2 - 1
+    rows, cols = torch.meshgrid(g, g, indexing="ij")
+    planes = torch.stack([cols, rows])[None, None].expand(1, 3, 2, P, P)       # channel 0 = 1st axis, 1 = 2nd
+    pts = (torch.rand(1, 200, 3) * 2 - 1) * (1 - 1 / P)
+    f = model.sample_planes(planes, pts)[0]                                     # (6,N)
+    x, y, z = pts[0].T
+    assert torch.allclose(f, torch.stack([x, y, x, z, y, z]), atol=1e-5)
+    lrm = model.LRM(res=32, tokens=P)                                           # each token's point sits in its own cell
+    tok = lrm.token_xyz.view(3, P, P, 3)
+    for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
+        assert torch.allclose(tok[k, ..., a], cols) and torch.allclose(tok[k, ..., b], rows)
+    uv, depth = render.project(lrm.token_xyz, model.CANONICAL, render.intrinsics(render.FOV), 1)
+    assert (depth > 0).all() and torch.allclose(lrm.token_uv.view(-1, 2), (uv * 2 - 1).clamp(-1, 1))
+
+
+def test_canonicalisation_moves_the_source_and_keeps_relative_poses():
+    c2w, _ = render.orbit(8, start_deg=37.0)
+    can, M = model.canonicalise(c2w[2:3], c2w[None])
+    assert torch.allclose(can[0, 2], model.CANONICAL, atol=1e-5)
+    rel = lambda a, b: torch.linalg.inv(a) @ b
+    for j in range(8):
+        assert torch.allclose(rel(can[0, 2], can[0, j]), rel(c2w[2], c2w[j]), atol=1e-5)
+    p = torch.tensor([0.3, -0.2, 0.5, 1.0])                                      # M is a rigid motion
+    assert torch.allclose((M[0] @ p)[:3].norm(), p[:3].norm(), atol=1e-5)
+
+
+def test_ssim_loss_known_answers():
+    x = torch.rand(2, 3, 16, 16)
+    assert model.ssim_loss(x, x).abs() < 1e-6 and model.ssim_loss(x, 1 - x) > 0.5
+
+
+def test_micro_lrm_overfits_one_object(micro):
+    ob = render.load_object(micro / "0_data/assets/train/00000", 16)
+    lrm = micro_lrm(density_scale=10.0)
+    opt = torch.optim.Adam(lrm.parameters(), 3e-3)
+    c2w, _ = model.canonicalise(ob["c2w"][:1], ob["c2w"][None])
+    cam = model.camera_vector(c2w[:, 0], ob["K"][:1])
+    losses = []
+    for step in range(150):
+        torch.manual_seed(step)
+        rgb, acc = lrm(ob["images"][:1], cam, c2w, ob["K"][None], 16, n_coarse=16, n_fine=16)
+        loss = F.mse_loss(rgb[0], ob["images"]) + F.mse_loss(acc[0], ob["masks"])
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert min(losses[-10:]) < losses[0] / 10, (losses[0], losses[-10:])
+
+
+def train_args(out, *extra):
+    return ["train_lrm.py", "--preset", "micro", "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def lrm_world(micro, tmp_path_factory):
+    """A micro world whose stage 2 is a copy of the real training assets (no video model needed)."""
+    out = tmp_path_factory.mktemp("lrm")
+    (out / "0_data").symlink_to(micro / "0_data")
+    (out / "2_views").mkdir()
+    for d in sorted((micro / "0_data/assets/train").iterdir())[:8]:
+        (out / "2_views" / d.name).symlink_to(d)
+    render.save_json(out / "2_views/meta.json", dict(stage="generate_views", preset="micro"))
+    return out
+
+
+def test_micro_stages_3_and_4_write_their_folders(lrm_world):
+    run_script(*train_args(lrm_world))
+    run_script("finetune_3d.py", "--preset", "micro", "--out", lrm_world)
+    for stage in ("3_lrm", "4_finetune"):
+        m = json.loads((lrm_world / stage / "metrics.json").read_text())
+        assert {"lrm", "sphere", "copy_input"} <= set(m["rows"])
+        assert {"psnr", "ssim", "color_err", "chamfer_l1", "fscore"} <= set(m["rows"]["lrm"])
+        assert (lrm_world / stage / "samples/final.png").is_file()
+    meta = render.load_tensors(lrm_world / "4_finetune/lrm.safetensors")[1]
+    assert meta["kind"] == "lrm" and json.loads(meta["stage"]) == "finetune_3d"
+
+
+def test_resume_after_sigkill_gives_the_same_weights(lrm_world, tmp_path):
+    def args(name):
+        root = tmp_path / name
+        root.mkdir()
+        for sub in ("0_data", "2_views"):
+            (root / sub).symlink_to(lrm_world / sub)
+        return root, train_args(root, "--steps", "40", "--ckpt_every", "3", "--sample_every", "1000", "--n_eval", "1")
+    killed, cmd = args("killed")
+    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "3_lrm/lrm_state.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.is_file() and int(render.load_tensors(state)[1]["step"]) >= 9):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 9 <= int(render.load_tensors(state)[1]["step"]) < 40
+    run_script(*cmd)
+    straight, cmd = args("straight")
+    run_script(*cmd)
+    a, _ = render.load_tensors(killed / "3_lrm/lrm.safetensors")
+    b, _ = render.load_tensors(straight / "3_lrm/lrm.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ddp_processes_match_one_process(lrm_world, tmp_path):
+    def first_loss(name, procs):
+        root = tmp_path / name
+        root.mkdir()
+        for sub in ("0_data", "2_views"):
+            (root / sub).symlink_to(lrm_world / sub)
+        args = train_args(root, "--steps", "1", "--stratified", "false", "--cam_noise", "0", "--n_eval", "1", "--device", "cpu")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(29500 + procs)] if procs > 1 else [sys.executable]
+        p = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(render.load_tensors(root / "3_lrm/lrm_state.safetensors")[1]["losses"])[0]
+    one, two = first_loss("one", 1), first_loss("two", 2)
+    assert abs(one - two) < 1e-5 * max(1.0, abs(one)), (one, two)
+
+
+def test_bad_inputs_get_one_line_errors(lrm_world, micro, tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = run_script(*train_args(lrm_world, "--data", tmp_path / "empty", "--stage_dir", "x"), check=False)
+    assert one_line_error(p) and "no object folders" in p.stderr
+    p = run_script(*train_args(lrm_world, "--init", micro / "0_data/assets/train/00000/cameras.safetensors", "--stage_dir", "y"), check=False)
+    assert one_line_error(p) and "expected 'lrm'" in p.stderr
+    run_script(*train_args(lrm_world, "--stage_dir", "z", "--steps", "1", "--n_eval", "1"))
+    p = run_script(*train_args(lrm_world, "--init", lrm_world / "z/lrm.safetensors", "--enc_dim", "16", "--stage_dir", "w"), check=False)
+    assert one_line_error(p) and "another config" in p.stderr
+    p = run_script("finetune_3d.py", "--preset", "micro", "--out", tmp_path, check=False)
+    assert one_line_error(p) and "render.py" in p.stderr

@@ -1,0 +1,140 @@
+"""Stage 1: the text encoder, the UNet with temporal layers, the diffusion sampler, and finetune_video.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import model
+import render
+from conftest import ROOT, one_line_error, run_script
+
+VOCAB = "a small large red orange yellow green cyan blue purple pink sphere box cylinder cone torus capsule on top of next to".split()
+
+
+def tiny_unet(frames=0):
+    torch.manual_seed(0)
+    return model.UNet(VOCAB, (16, 32), (8,), 16, 32, frames).eval()
+
+
+def test_text_encoder_tokens_and_unknown_words():
+    enc = model.TextEncoder(VOCAB, 32)
+    ids, unknown = enc.tokenize(["a small red cone", "a shiny red cone", ""])
+    assert ids.shape == (3, 32) and ids[0, 0] == 2 and ids[2, 1] == 0
+    assert unknown == {"shiny"} and ids[1, 2] == 1
+    tokens, pooled, pad = enc(ids)
+    assert tokens.shape == (3, 32, 32) and pooled.shape == (3, 32) and pad[0, 5] and not pad[0, 4]
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+def test_unet_shapes(frames):
+    unet = tiny_unet(frames if frames > 1 else 0)
+    ids, _ = unet.text.tokenize(["a small red cone"] * 2)
+    out = unet(torch.randn(2 * frames, 3, 16, 16), torch.rand(2 * frames), ids, frames)
+    assert out.shape == (2 * frames, 3, 16, 16)
+    x = model.sample(unet, ids, frames, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, frames, 3, 16, 16) and x.abs().max() <= 1
+
+
+def test_zero_initialised_temporal_layers_leave_the_image_model_unchanged():
+    image, video = tiny_unet(0), tiny_unet(4)
+    missing = video.load_state_dict(image.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("temporal.") for k in missing)
+    ids, _ = image.text.tokenize(["a small red cone on top of a large blue box", "a green torus"])
+    x, t = torch.randn(8, 3, 16, 16), torch.rand(8)
+    with torch.no_grad():
+        per_frame = image(x, t, ids.repeat_interleave(4, 0), 1)
+        as_video = video(x, t, ids, 4)
+    assert torch.equal(per_frame, as_video)
+    with torch.no_grad():                                     # and a trained temporal layer does change it
+        video.temporal[0].conv_out.weight.normal_()
+        assert not torch.allclose(video(x, t, ids, 4), per_frame)
+
+
+def test_sampler_is_deterministic_for_a_seed():
+    unet = tiny_unet(4)
+    ids, _ = unet.text.tokenize(["a small red cone"])
+    first = torch.rand(1, 3, 16, 16) * 2 - 1
+    a = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(7))
+    b = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(7))
+    c = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(a[:, 0], first)
+
+
+@pytest.fixture(scope="module")
+def stage1(micro):
+    p = run_script("finetune_video.py", "--preset", "micro", "--out", micro)
+    return micro, p
+
+
+def test_micro_stage1_runs_all_three_phases(stage1):
+    micro, p = stage1
+    out = micro / "1_video"
+    for f in ("image_model.safetensors", "video_model.safetensors", "eval_grid.png", "eval.gif", "metrics.json", "meta.json"):
+        assert (out / f).is_file(), f
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    for r in ("video_model", "image_model_per_frame", "copy_input", "white"):
+        assert {"psnr", "ssim"} <= set(rows[r]) and {"psnr", "ssim"} <= set(rows[r + "_far"])
+    assert "caption_faithfulness" in rows["image_model_per_frame"]
+    assert json.loads((out / "meta.json").read_text())["phases"] == ["image", "video", "eval"]
+
+
+def test_fine_tune_changes_only_temporal_tensors(stage1):
+    micro, _ = stage1
+    image, _ = render.load_tensors(micro / "1_video/image_model.safetensors")
+    video, meta = render.load_tensors(micro / "1_video/video_model.safetensors")
+    assert meta["kind"] == "video_model"
+    for k, v in image.items():                                # spatial and text tensors: byte-identical
+        assert v.dtype == video[k].dtype and torch.equal(v, video[k]), k
+    temporal = [k for k in video if k.startswith("temporal.")]
+    fresh = model.UNet(**json.loads(meta["config"])).state_dict()
+    assert temporal and any(not torch.equal(video[k], fresh[k]) for k in temporal if k.endswith("conv_out.weight"))
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, stage1):
+    micro, _ = stage1
+    def args(name):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "0_data").symlink_to(micro / "0_data")
+        return root, ["finetune_video.py", "--preset", "micro", "--out", root, "--phase", "image", "--image_steps", "60", "--ckpt_every", "5"]
+    killed, cmd = args("killed")
+    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "1_video/image_model_state.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.is_file() and int(render.load_tensors(state)[1]["step"]) >= 15):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 15 <= int(render.load_tensors(state)[1]["step"]) < 60
+    run_script(*cmd)                                         # resumes from the last checkpoint
+    resumed, _ = render.load_tensors(killed / "1_video/image_model.safetensors")
+    straight_root, cmd = args("straight")
+    run_script(*cmd)
+    straight, _ = render.load_tensors(straight_root / "1_video/image_model.safetensors")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+def test_missing_or_mismatched_stage0_gets_a_one_line_hint(tmp_path, micro):
+    p = run_script("finetune_video.py", "--preset", "micro", "--out", tmp_path, check=False)
+    assert one_line_error(p) and "python render.py" in p.stderr
+    p = run_script("finetune_video.py", "--preset", "tiny", "--out", micro, "--phase", "video", check=False)
+    assert one_line_error(p) and "preset" in p.stderr
+    p = run_script("finetune_video.py", "--preset", "micro", "--out", micro, "--phase", "video",
+                   "--image_model", micro / "0_data/assets/train/00000/cameras.safetensors", check=False)
+    assert one_line_error(p) and "checkpoint" in p.stderr
+
+
+def test_shipped_image_model_matches_the_tiny_config():
+    path = ROOT / "weights/image_model_tiny.safetensors"
+    assert path.is_file(), "the pretrained stand-in must ship with the repository"
+    unet, meta = model.load_unet(path, "image_model", "python finetune_video.py --phase image")
+    cfg = __import__("finetune_video").Config()
+    assert unet.config["channels"] == [int(c) for c in cfg.channels.split(",")] and unet.config["res"] == render.Config().res
+    assert unet.config["frames"] == 0 and int(meta["world_version"]) == render.WORLD_VERSION
+    assert float(meta["caption_faithfulness"]) >= 0.8
