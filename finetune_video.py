@@ -51,6 +51,7 @@ class Config:
     video_batch: int = 8        # orbits per step (global)
     video_lr: float = 1e-3      # peak learning rate of the temporal layers
     video_ema: float = 0.99     # EMA decay of the temporal weights
+    video_shift: bool = True    # start each training orbit at a random view (cyclic shift: 8x the orbits)
     warmup: int = 100           # linear warm-up steps, then cosine decay to 10%
     cfg_drop: float = 0.1       # share of captions dropped in training (for classifier-free guidance)
     sample_steps: int = 20      # DDIM steps when sampling
@@ -157,12 +158,17 @@ def train(cfg, unet, trainable, get_batch, steps, lr, ema_decay, frames, name, o
         dist.barrier()
     return time.time() - t0
 
-def batcher(data, ids, batch, frames):
-    """get_batch(step, rank, world): the same global batch for any number of ranks, this rank's share."""
+def batcher(data, ids, batch, frames, shift=False):
+    """get_batch(step, rank, world): the same global batch for any number of ranks, this rank's share.
+    With shift, each orbit starts at a random view (still a true orbit, from another first view)."""
     def get(step, rank, world):
-        idx = torch.randint(len(data), (batch,), generator=torch.Generator().manual_seed(step))
-        idx = idx[rank * batch // world : (rank + 1) * batch // world]
-        return data[idx].flatten(0, 1) if frames > 1 else data[idx], ids[idx]
+        g = torch.Generator().manual_seed(step)
+        idx, start = torch.randint(len(data), (batch,), generator=g), torch.randint(frames, (batch,), generator=g) * shift
+        sl = slice(rank * batch // world, (rank + 1) * batch // world)
+        if frames == 1:
+            return data[idx[sl]], ids[idx[sl]]
+        x = torch.stack([data[i].roll(-int(s), 0) for i, s in zip(idx[sl], start[sl])])   # (b,V,3,H,W)
+        return x.flatten(0, 1), ids[idx[sl]]
     return get
 
 # ----------------------------------------------------------------------------- evaluation
@@ -271,7 +277,7 @@ def main():
                              generator=torch.Generator().manual_seed(cfg.seed)).cpu()
             save_grid(out / f"samples/video_{step:06d}.png", [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, test)])
         trainable = [p for p in unet.parameters() if p.requires_grad]
-        secs = train(cfg, unet, trainable, batcher(orbits, ids, cfg.video_batch, views), cfg.video_steps, cfg.video_lr, cfg.video_ema,
+        secs = train(cfg, unet, trainable, batcher(orbits, ids, cfg.video_batch, views, cfg.video_shift), cfg.video_steps, cfg.video_lr, cfg.video_ema,
                      views, "video_model", out, device, rank, world, on_sample)
         if rank == 0:
             on_sample(cfg.video_steps)

@@ -416,7 +416,7 @@ class LRM(nn.Module):
         kv = self.to_kv(x)
         for blk in self.blocks:
             t = blk(t, kv, c)
-        planes = self.up(self.out_norm(t).transpose(1, 2).reshape(B * 3, -1, P, P))  # (B*3,C,res,res)
+        planes = self.up(self.out_norm(t).view(B * 3, P, P, -1).permute(0, 3, 1, 2))  # token grid -> (B*3,C,res,res)
         return planes.view(B, 3, *planes.shape[1:])
 
     def field(self, planes, pts):
@@ -448,8 +448,8 @@ def load_lrm(path, hint):
 @torch.no_grad()
 def lrm_mesh(lrm, planes, res, level):
     """Marching cubes of one object's density (planes (3,C,P,P)) at `level` -> vertices, faces, colours."""
-    v, f = render.extract_mesh(lambda p: lrm.field(planes[None], p[None])[0][0], res, level)
-    rgb = lrm.field(planes[None], v[None])[1][0] if len(v) else torch.zeros(0, 3)
+    v, f = render.extract_mesh(lambda p: lrm.field(planes[None], p[None].to(planes.device))[0][0].float().cpu(), res, level)
+    rgb = lrm.field(planes[None], v[None].to(planes.device))[1][0].float().cpu() if len(v) else torch.zeros(0, 3)
     return v, f, rgb
 
 

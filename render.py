@@ -318,7 +318,7 @@ def render_views(packed, obj, c2w, K, res, supersample=2, steps=48, eps=1e-3):
     obj (B,) object index per image, c2w (B,4,4), K (B,3,3) -> RGBA (B,4,res,res) in [0,1] (straight
     alpha: RGB is the object's colour, A its coverage) and the hit points (B,res*ss,res*ss,3)."""
     B, ss = len(obj), supersample
-    o, d = camera_rays(c2w, K * torch.tensor([[ss, 1, ss], [1, ss, ss], [1, 1, 1]]) / ss, res * ss)
+    o, d = camera_rays(c2w, K, res * ss)                     # normalised intrinsics serve any resolution
     hw = o.shape[1] * o.shape[2]
     o, d, ray_obj = o.reshape(-1, 3), d.reshape(-1, 3), obj.repeat_interleave(hw)
     b = (o * d).sum(-1)                                       # ray vs bounding sphere of radius 1

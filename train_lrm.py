@@ -37,6 +37,7 @@ class Config:
     device: str = "auto"         # auto | cpu | cuda | mps
     seed: int = 0                # repeatable runs on one machine
     data: str = ""               # folder of object folders ("" = <out>/2_views)
+    max_objects: int = 0         # use only the first N objects of --data (0 = all; for the scaling curve)
     init: str = ""               # checkpoint to start from ("" = random weights)
     stage_dir: str = "3_lrm"     # output folder under --out
     resume: bool = True          # continue from <stage_dir>/lrm_state.safetensors if present
@@ -186,7 +187,7 @@ def run(cfg, stage="train_lrm", hint="python generate_views.py"):
     meta0 = render.read_meta(Path(cfg.out) / "0_data", "python render.py")
     res = meta0["config"]["res"]
     check_data(data_dir, cfg.preset, hint, required=not cfg.data)
-    data = load_set(data_dir, res, hint)
+    data = load_set(data_dir, res, hint, cfg.max_objects or None)
     test = load_set(Path(cfg.out) / "0_data/assets/test", res, "python render.py", cfg.n_eval)
     arch = {k: getattr(cfg, k) for k in ARCH}
     lrm = model.LRM(res=res, **arch)

@@ -53,6 +53,22 @@ def test_triplane_layout_and_lifted_tokens_agree():
     assert (depth > 0).all() and torch.allclose(lrm.token_uv.view(-1, 2), (uv * 2 - 1).clamp(-1, 1))
 
 
+def test_each_token_writes_only_its_own_plane_cell():
+    lrm = micro_lrm()
+    P, up = MICRO.tokens, 16 // MICRO.tokens
+    lrm.lift, lrm.blocks, lrm.out_norm = None, torch.nn.ModuleList(), torch.nn.Identity()   # tokens go straight to the planes
+    img, cam = torch.rand(1, 3, 16, 16), torch.zeros(1, 16)
+    with torch.no_grad():
+        lrm.tokens.zero_()
+        base = lrm.encode(img, cam)
+        for k in range(3):                                                       # plane k, token row 1, column 2
+            lrm.tokens.zero_()
+            lrm.tokens[0, k * P * P + 1 * P + 2] = 1.0
+            diff = (lrm.encode(img, cam) - base)[0].abs().sum(1)                  # (3,16,16)
+            inside = diff[k, up : 2 * up, 2 * up : 3 * up].sum()
+            assert inside > 0 and torch.isclose(diff.sum(), inside)
+
+
 def test_canonicalisation_moves_the_source_and_keeps_relative_poses():
     c2w, _ = render.orbit(8, start_deg=37.0)
     can, M = model.canonicalise(c2w[2:3], c2w[None])
