@@ -176,7 +176,53 @@ def experiment_table(cfg):
                                                  seconds=round(sum(i["seconds"] for i in info.values()), 1), rows=rows, runs=info))
     render.write_text(table / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+    scaling_curve(cfg, table, rows, info)
+    comparison_gifs(cfg, table, root / "4_from_scratch/lrm.safetensors", root / "4_finetune/lrm.safetensors")
     return rows
+
+
+def scaling_curve(cfg, table, rows, info):
+    """(C) against the number of synthetic objects it was pre-trained on: scaling.md (+ scaling.png)."""
+    pts = []
+    for row in ("C_synthetic_quarter", "C_synthetic_half", "C_synthetic_then_3d"):
+        if row in rows:
+            s3 = json.loads((Path(cfg.out) / Path(info[row]["stage_dir"]).parent / "3_lrm/metrics.json").read_text())
+            pts.append((s3["train_objects"], row, rows[row]))
+    keys = ("psnr", "ssim", "color_err", "chamfer_l1", "fscore")
+    lines = ["| synthetic objects | row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines += [f"| {n} | {row} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for n, row, r in pts]
+    render.write_text(table / "scaling.md", "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    for ax, k in zip(axes, ("ssim", "color_err", "chamfer_l1")):
+        ax.plot([n for n, _, _ in pts], [r[k] for _, _, r in pts], "o-")
+        ax.set_xlabel("synthetic objects"), ax.set_title(k)
+    fig.tight_layout()
+    render.atomic_write(table / "scaling.png", lambda p: fig.savefig(p, format="png", dpi=100))
+
+
+@torch.no_grad()
+def comparison_gifs(cfg, table, path_a, path_c, n=4, frames=24):
+    """Turntables of held-out objects: input | (A) 3D only | (C) synthetic then 3D | ground truth."""
+    meta0 = render.read_meta(Path(cfg.out) / "0_data", "python render.py")
+    c0, res = render.Config(**meta0["config"]), meta0["config"]["res"]
+    models = [model.load_lrm(p, "python finetune_3d.py")[0] for p in (path_a, path_c)]
+    c2w, K = render.orbit(frames)
+    cam = model.camera_vector(model.CANONICAL[None], K[:1])
+    for i in range(min(n, c0.n_test)):
+        ob = render.load_object(Path(cfg.out) / f"0_data/assets/test/{i:05d}", res)
+        rgba, _ = render.render_views(render.pack([render.make_object(render.object_seed(c0, "test", i))]), torch.zeros(frames, dtype=torch.long), c2w, K, res)
+        cols = [ob["images"][:1].expand(frames, -1, -1, -1)]
+        cols += [m.render(m(ob["images"][:1], cam), c2w[None], K[None], res, n_coarse=32, n_fine=32, stratified=False)[0][0] for m in models]
+        cols.append(rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:])
+        strip = F.interpolate(torch.cat(cols, -1), scale_factor=3, mode="nearest").clamp(0, 1)
+        gif = [(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in strip]
+        render.atomic_write(table / f"compare_{i}.gif", lambda p: imageio.mimsave(p, gif, format="GIF", duration=0.08, loop=0))
 
 
 def main():

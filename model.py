@@ -298,7 +298,7 @@ def sample(unet, ids, frames=1, steps=20, guidance=3.0, first=None, generator=No
 
 # ----------------------------------------------------------------------------- the LRM (Sec. 3.2)
 
-CANONICAL = render.orbit_c2w([0.0])[0]     # every source camera is moved here (the orbit's first view)
+CANONICAL = render.orbit(1)[0][0]     # every source camera is moved here (the orbit's first view)
 
 
 def camera_vector(c2w, K):

@@ -73,16 +73,11 @@ def parse_config(cls, presets, argv=None):
         p.add_argument("--" + f.name, type=typ, default=None, nargs="?" if f.type is bool else None, const=True if f.type is bool else None)
         if f.type is bool:                                       # --flag, --flag false, --no_flag
             p.add_argument("--no_" + f.name, dest=f.name, action="store_const", const=False)
-    args = p.parse_args(argv)
-    preset = args.preset or cls.preset
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = args.get("preset", cls.preset)
     if preset not in presets:
         raise DataError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    cfg = cls(**presets[preset])
-    for k, v in vars(args).items():
-        if v is not None:
-            setattr(cfg, k, v)
-    cfg.preset = preset
-    return cfg
+    return cls(**{**presets[preset], **args, "preset": preset})
 
 def run_cli(main):
     """Run `main()`, turning bad input (DataError) and file-system errors into one line on stderr."""
@@ -111,8 +106,13 @@ def save_png(path, img):
         img = (img.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
     atomic_write(path, lambda t: Image.fromarray(img).save(t, format="PNG"))
 
+def write_text(path, text):
+    """Atomic text write that leaves an identical file untouched (a rerun rewrites nothing complete)."""
+    if not (Path(path).is_file() and Path(path).read_text() == text):
+        atomic_write(path, lambda t: t.write_text(text))
+
 def save_json(path, obj):
-    atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+    write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 def save_tensors(path, tensors, meta=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -141,24 +141,24 @@ def load_png(path, res=None):
         raise DataError(f"{path}: is {im.size[0]}x{im.size[1]}, expected {res}x{res}; regenerate it at this preset")
     has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     x = torch.from_numpy(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255).permute(2, 0, 1)
-    a = x[3:]
-    return (x[:3] * a + (1 - a), a) if has_alpha else (x[:3], None)
+    return (x[:3] * x[3:] + 1 - x[3:], x[3:]) if has_alpha else (x[:3], None)
 
 def read_meta(folder, hint):
     """The meta.json of a finished stage folder, or a one-line DataError naming the command to run."""
     path = Path(folder) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{folder}: missing or incomplete (no meta.json); run `{hint}` first")
     try:
         return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{folder}: missing or incomplete (no meta.json); run `{hint}` first") from None
     except ValueError:
         raise DataError(f"{path}: corrupt; delete {folder} and run `{hint}` again") from None
 
 # ----------------------------------------------------------------------------- cameras
 
-def orbit_c2w(azimuths_deg, elevation_deg=ELEVATION, radius=RADIUS):
-    """OpenGL camera-to-world matrices (V,4,4) looking at the origin, +z up; camera looks down -z."""
-    az = torch.as_tensor(azimuths_deg, dtype=torch.float32).deg2rad()
+def orbit(views, start_deg=0.0, elevation_deg=ELEVATION, radius=RADIUS):
+    """The fixed orbit: `views` azimuths evenly spaced from the input view's, as OpenGL camera-to-world
+    matrices (+z up, each camera looking down its -z at the origin) -> c2w (V,4,4), K (V,3,3)."""
+    az = (start_deg + torch.arange(views) * 360.0 / views).deg2rad()
     el = torch.full_like(az, float(elevation_deg)).deg2rad()
     pos = radius * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)  # (V,3)
     back = F.normalize(pos, dim=-1)                                 # camera +z points away from the target
@@ -167,11 +167,6 @@ def orbit_c2w(azimuths_deg, elevation_deg=ELEVATION, radius=RADIUS):
     c2w = torch.eye(4).repeat(len(az), 1, 1)
     c2w[:, :3, :3] = torch.stack([right, up, back], -1)
     c2w[:, :3, 3] = pos
-    return c2w
-
-def orbit(views, start_deg=0.0):
-    """The fixed orbit: `views` azimuths evenly spaced from the input view -> c2w (V,4,4), K (V,3,3)."""
-    c2w = orbit_c2w(start_deg + torch.arange(views) * 360.0 / views)
     return c2w, intrinsics(FOV).expand(views, 3, 3).clone()
 
 def intrinsics(fov_deg):
@@ -242,9 +237,7 @@ def make_object(seed):
     params, centres = np.array(params, np.float32), np.array(centres, np.float32)
     bound = np.array([[p[0], np.linalg.norm(p), np.hypot(p[0], p[1]), np.hypot(p[0], p[1]), p[0] + p[1], p[0] + p[1]][k]
                       for k, p in zip(kinds, params)], np.float32)             # bounding-sphere radius
-    lo = (centres - bound[:, None]).min(0)
-    hi = (centres + bound[:, None]).max(0)
-    centres -= (lo + hi) / 2                                                      # centre the object
+    centres -= ((centres - bound[:, None]).min(0) + (centres + bound[:, None]).max(0)) / 2  # centre the object
     scale = min(1.0, 0.85 / (np.linalg.norm(centres, axis=1) + bound).max())      # fit the frame with a margin
     caption = words[-1] + "".join(f" {r} {w}" for r, w in zip(rels[::-1], words[-2::-1]))
     return dict(kind=np.array(kinds), colour=np.array(colours), params=params * scale,
@@ -253,8 +246,7 @@ def make_object(seed):
 def pack(objects):
     """List of objects -> tensors padded to 4 primitives (kind -1 = none)."""
     n = len(objects)
-    out = dict(kind=torch.full((n, 4), -1), colour=torch.zeros(n, 4, dtype=torch.long),
-               params=torch.zeros(n, 4, 3), centre=torch.zeros(n, 4, 3), yaw=torch.zeros(n, 4))
+    out = dict(kind=torch.full((n, 4), -1), colour=torch.zeros(n, 4, dtype=torch.long), params=torch.zeros(n, 4, 3), centre=torch.zeros(n, 4, 3), yaw=torch.zeros(n, 4))
     for i, o in enumerate(objects):
         for key in out:
             out[key][i, : len(o["kind"])] = torch.as_tensor(o[key])
@@ -323,8 +315,7 @@ def render_views(packed, obj, c2w, K, res, supersample=2, steps=48, eps=1e-3):
     o, d, ray_obj = o.reshape(-1, 3), d.reshape(-1, 3), obj.repeat_interleave(hw)
     b = (o * d).sum(-1)                                       # ray vs bounding sphere of radius 1
     disc = b * b - (o * o).sum(-1) + 1.0
-    t = (-b - disc.clamp(min=0).sqrt()).clamp(min=0)
-    t_far = -b + disc.clamp(min=0).sqrt()
+    t, t_far = (-b - disc.clamp(min=0).sqrt()).clamp(min=0), -b + disc.clamp(min=0).sqrt()
     alive, hit = disc > 0, torch.zeros(len(o), dtype=torch.bool)
     for _ in range(0, steps, 8):                                # compact the live rays every 8 steps
         i = alive.nonzero()[:, 0]
@@ -342,10 +333,8 @@ def render_views(packed, obj, c2w, K, res, supersample=2, steps=48, eps=1e-3):
     h = 1e-3 * torch.tensor([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1.0]])  # tetrahedral gradient
     grad = sum(h[j] * scene_sdf(x + h[j], pr)[0][:, None] for j in range(4))
     shade = AMBIENT + (1 - AMBIENT) * (F.normalize(grad, dim=-1) @ LIGHT).clamp(min=0)
-    rgb = torch.zeros(len(o), 3)
-    rgb[i] = PALETTE[near] * shade[:, None]
-    pts = torch.full((len(o), 3), float("nan"))
-    pts[i] = x
+    rgb = torch.zeros(len(o), 3).index_copy_(0, i, PALETTE[near] * shade[:, None])
+    pts = torch.full((len(o), 3), float("nan")).index_copy_(0, i, x)
     rgb, a = rgb.view(B, res, ss, res, ss, 3), hit.float().view(B, res, ss, res, ss, 1)
     cover = a.mean((2, 4))                                   # coverage, (B,res,res,1)
     colour = (rgb * a).sum((2, 4)) / (a.sum((2, 4)) + 1e-8)  # straight (unpremultiplied) colour
@@ -498,11 +487,6 @@ def object_seed(cfg, split, i):
     """Disjoint seed ranges per split, so the test objects appear nowhere else."""
     return cfg.seed * 100_000_000 + {"train": 0, "test": 1, "images": 2, "prompts": 3}[split] * 10_000_000 + i
 
-def write_text(path, text):
-    """Atomic text write that leaves an identical file untouched (a rerun rewrites nothing complete)."""
-    if not (Path(path).is_file() and Path(path).read_text() == text):
-        atomic_write(path, lambda t: t.write_text(text))
-
 def render_split(cfg, split, root):
     """Render the orbit assets (train/test) or the single images that are missing -> (count, rendered)."""
     real, V = split != "images", cfg.views if split != "images" else 1
@@ -559,9 +543,8 @@ def main():
     print(f"\nstage 0 done in {seconds:.0f} s  (world v{WORLD_VERSION}, preset {cfg.preset}, {cfg.res}x{cfg.res}, {cfg.views} views)")
     for split, (n, new) in counts.items():
         print(f"  {split:7s} {n:6d} objects  ({new} rendered now, {n - new} already complete)")
-    print(f"  prompts {cfg.n_prompts:6d} captions -> {root / 'prompts.txt'}")
-    print(f"  assets -> {root / 'assets'}   images -> {root / 'images'}   preview -> {root / 'preview.png'}")
-    print("next: python finetune_video.py")
+    print(f"  prompts {cfg.n_prompts:6d} captions -> {root / 'prompts.txt'}\n  assets -> {root / 'assets'}   images -> {root / 'images'}"
+          f"   preview -> {root / 'preview.png'}\nnext: python finetune_video.py")
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
-# The whole pipeline, one stage after another: bash run_all.sh [preset] [out]
-# (defaults: tiny, out). Each stage skips what an earlier run already finished.
+# The whole pipeline and the paper's comparison, one stage after another.
+#   bash run_all.sh [preset] [out]            stages 0-5 and the (A)/(B)/(C) table   (tiny: about 80 min on 2 cores)
+#   bash run_all.sh scaling [preset] [out]    the scaling curve: (C) with 1/4 and 1/2 of the synthetic set
+# Every stage skips what an earlier run already finished, so an interrupted run can simply be restarted.
 set -euo pipefail
 cd "$(dirname "$0")"
-preset=${1:-tiny}
-out=${2:-out}
-args="--preset $preset --out $out"
-python render.py $args            # stage 0: the toy 3D world
-python finetune_video.py $args    # stage 1: temporal layers on the shipped image model, + evaluation
+if [ "${1:-}" = "scaling" ]; then
+  shift
+  preset=${1:-tiny}; out=${2:-out}; args="--preset $preset --out $out"
+  kept=$(ls -d "$out"/2_views/*/ | wc -l)
+  for part in quarter half; do
+    if [ "$part" = quarter ]; then n=$((kept / 4)); else n=$((kept / 2)); fi
+    python train_lrm.py $args --max_objects "$n" --stage_dir "scaling/$part/3_lrm"
+    python finetune_3d.py $args --init "$out/scaling/$part/3_lrm/lrm.safetensors" --stage_dir "scaling/$part/4_finetune"
+  done
+  python infer.py $args --table
+  exit 0
+fi
+preset=${1:-tiny}; out=${2:-out}; args="--preset $preset --out $out"
+python render.py $args                         # stage 0: the toy 3D world
+python finetune_video.py $args                 # stage 1: temporal layers on the shipped image model, + evaluation
+python generate_views.py $args                 # stage 2: prompts -> synthetic multi-view objects
+python train_lrm.py $args                      # stage 3: LRM on the synthetic views       = experiment (B)
+python finetune_3d.py $args                    # stage 4: fine-tune on the real assets     = experiment (C)
+python finetune_3d.py $args --from_scratch     # the same LRM on the real assets alone     = experiment (A)
+python infer.py $args --image "$out/0_data/assets/test/00000/000.png" --name demo   # stage 5: one image -> mesh
+python infer.py $args --table                  # the comparison table in $out/table/
