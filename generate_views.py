@@ -12,7 +12,8 @@ Writes: out/2_views/<id>/ (000.png.., cameras.safetensors, prompt.txt), <id>.rej
         meta.json (counts, settings, time, filter statistics), metrics.json, preview.png
 Run:    python generate_views.py                          (tiny: 1000 prompts, about 8 minutes on 2 CPU cores)
         python generate_views.py --preset micro --out /tmp/run
-        torchrun --nproc_per_node=4 generate_views.py --preset small --device cuda   (ranks split the prompts)
+        torchrun --nproc_per_node=4 generate_views.py --preset small --device cuda   (ranks split the prompts;
+        put `--` before the script's flags to pass --num, which torchrun takes for its own --numa-binding)
 """
 import dataclasses
 import time

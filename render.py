@@ -73,6 +73,7 @@ def parse_config(cls, presets, argv=None):
         p.add_argument("--" + f.name, type=typ, default=None, nargs="?" if f.type is bool else None, const=True if f.type is bool else None)
         if f.type is bool:                                       # --flag, --flag false, --no_flag
             p.add_argument("--no_" + f.name, dest=f.name, action="store_const", const=False)
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]   # torchrun ... script.py -- --num 8
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", cls.preset)
     if preset not in presets:
@@ -493,8 +494,7 @@ def render_split(cfg, split, root):
     ids = [f"{i:05d}" for i in range({"train": cfg.n_train, "test": cfg.n_test, "images": cfg.n_images}[split])]
     need = [f"{k:03d}.png" for k in range(V)] + ["cameras.safetensors", "prompt.txt", "surface.safetensors"]
     todo = [i for i in ids if not (all((root / i / n).is_file() for n in need) if real else (root / f"{i}.png").is_file())]
-    c2w, K = orbit(V)
-    per = max(1, cfg.batch // V)
+    (c2w, K), per = orbit(V), max(1, cfg.batch // V)                            # per: objects per batch
     for start in tqdm(range(0, len(todo), per), desc=f"stage 0 {split:6s}", unit="batch", disable=not todo):
         chunk = todo[start : start + per]
         objs = [make_object(object_seed(cfg, split, int(i))) for i in chunk]

@@ -31,3 +31,19 @@ def micro(tmp_path_factory):
     out = tmp_path_factory.mktemp("micro")
     run_script("render.py", "--preset", "micro", "--out", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro1(micro):
+    """Stage 1 at the micro preset (all three phases) on the shared micro world."""
+    if not (micro / "1_video/meta.json").is_file():
+        run_script("finetune_video.py", "--preset", "micro", "--out", micro)
+    return micro
+
+
+def linked_world(root, micro, stages=("0_data", "1_video")):
+    """A fresh --out folder whose earlier stages are links to the shared micro run."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s in stages:
+        (root / s).symlink_to(micro / s)
+    return root

@@ -1,0 +1,88 @@
+"""Stage 5 and the whole pipeline: run_all.sh at the micro preset, infer.py's outputs and errors."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer
+import model
+import render
+from conftest import ROOT, one_line_error, run_script
+from test_render import read_obj, read_ply
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Every stage, 0 to 5 and the table, exactly as the README's first command runs them."""
+    out = tmp_path_factory.mktemp("pipeline")
+    p = subprocess.run(["bash", "run_all.sh", "micro", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return out
+
+
+def test_run_all_writes_every_stage_and_the_table(pipeline):
+    for stage in ("0_data", "1_video", "2_views", "3_lrm", "4_finetune", "4_from_scratch"):
+        assert (pipeline / stage / "meta.json").is_file(), stage
+    rows = json.loads((pipeline / "table/metrics.json").read_text())["rows"]
+    assert {"A_3d_only", "B_synthetic_only", "C_synthetic_then_3d", "copy_input", "sphere"} <= set(rows)
+    assert {"psnr", "ssim", "color_err", "chamfer_l1", "fscore"} <= set(rows["C_synthetic_then_3d"])
+    assert (pipeline / "table/table.md").is_file() and list((pipeline / "table").glob("compare_*.gif"))
+    s3 = json.loads((pipeline / "3_lrm/meta.json").read_text())["config"]["steps"]
+    s4 = json.loads((pipeline / "4_finetune/meta.json").read_text())["config"]["steps"]
+    assert json.loads((pipeline / "4_from_scratch/meta.json").read_text())["config"]["steps"] == s3 + s4   # same total steps
+
+
+def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
+    lrm, _ = model.load_lrm(pipeline / "4_finetune/lrm.safetensors", "x")
+    img = render.load_object(pipeline / "0_data/assets/test/00001")["images"][:1]
+    with torch.no_grad():
+        planes = lrm(img, model.camera_vector(model.CANONICAL[None], render.orbit(1)[1]))
+        level = lrm.field(planes, torch.rand(1, 4000, 3) * 2 - 1)[0].median().item()     # untrained: pick a level with a surface
+    p = run_script("infer.py", "--preset", "micro", "--out", pipeline, "--image", pipeline / "0_data/assets/test/00001/000.png",
+                   "--name", "t", "--mesh_level", level)
+    folder = pipeline / "5_infer/t"
+    for f in ("input.png", "mesh.obj", "mesh.ply", "turntable.gif", "views/000.png"):
+        assert (folder / f).is_file(), f
+    assert "triplane" in p.stdout and "mesh" in p.stdout and "turntable" in p.stdout
+    ov, of, oc = read_obj(folder / "mesh.obj")
+    pv, pf, pc = read_ply(folder / "mesh.ply")
+    assert len(ov) > 0 and len(of) > 0 and np.allclose(ov, pv, atol=1e-4) and (of == pf).all()
+    assert oc.shape == (len(ov), 3) and 0 <= oc.min() and oc.max() <= 1 and np.abs(pc / 255 - oc).max() < 1 / 255 + 1e-3
+
+
+def test_framing_keeps_training_views_and_recentres_others():
+    ob = torch.ones(3, 32, 32)
+    ob[:, 10:22, 11:21] = torch.tensor([0.9, 0.2, 0.1])[:, None, None]
+    assert torch.equal(infer.frame_object(ob, 32), ob)                            # already framed: unchanged
+    big = torch.ones(3, 200, 300)
+    big[:, 20:60, 200:260] = torch.tensor([0.1, 0.3, 0.9])[:, None, None]          # small, off-centre, larger image
+    out = infer.frame_object(big, 32)
+    mask = (out < 0.92).any(0)
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    assert out.shape == (3, 32, 32) and abs((rows[0] + rows[-1]) / 2 - 15.5) <= 1.5 and abs((cols[0] + cols[-1]) / 2 - 15.5) <= 1.5
+    assert 0.25 <= (cols[-1] - cols[0] + 1) / 32 <= 0.45
+
+
+def test_bad_inputs(pipeline, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG nope")
+    p = run_script("infer.py", "--preset", "micro", "--out", pipeline, "--image", tmp_path / "bad.png", check=False)
+    assert one_line_error(p) and "bad.png" in p.stderr
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "white.png")
+    p = run_script("infer.py", "--preset", "micro", "--out", pipeline, "--image", tmp_path / "white.png", check=False)
+    assert one_line_error(p) and "no object" in p.stderr
+    p = run_script("infer.py", "--preset", "micro", "--out", pipeline, "--image", tmp_path / "white.png",
+                   "--model", pipeline / "1_video/video_model.safetensors", check=False)
+    assert one_line_error(p) and "expected 'lrm'" in p.stderr
+    p = run_script("infer.py", "--preset", "micro", "--out", pipeline, "--prompt", "a small shiny red cone", "--name", "txt")
+    assert p.returncode == 0 and "warning: unknown words shiny" in p.stdout and (pipeline / "5_infer/txt/mesh.obj").is_file()
+
+
+def test_eval_and_the_true_surface_against_itself(pipeline):
+    p = run_script("infer.py", "--preset", "micro", "--out", pipeline, "--eval", pipeline / "0_data/assets/test", "--name", "ev")
+    rows = json.loads((pipeline / "5_infer/ev/metrics.json").read_text())["rows"]
+    assert {"lrm", "sphere", "copy_input"} <= set(rows) and "chamfer_l1" in rows["lrm"] and "lrm" in p.stdout
+    surf, _ = render.load_tensors(pipeline / "0_data/assets/test/00000/surface.safetensors")
+    assert render.chamfer_fscore(surf["points"], surf["points"]) == (0.0, 1.0)
