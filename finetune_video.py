@@ -43,7 +43,7 @@ class Config:
     channels: str = "32,64,96"  # UNet channels per resolution level
     attn_res: str = "8"         # resolutions (pixels) with self- and cross-attention
     text_dim: int = 64          # text encoder width
-    image_steps: int = 16000    # optimizer steps of phase image
+    image_steps: int = 8000     # optimizer steps of phase image
     image_batch: int = 64       # images per step (global, over all ranks)
     image_lr: float = 5e-4      # peak learning rate of phase image
     image_ema: float = 0.999    # EMA decay of the image model's weights

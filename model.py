@@ -289,7 +289,7 @@ def sample(unet, ids, frames=1, steps=20, guidance=3.0, first=None, generator=No
             v = unet(xin, tin, ids, frames)
         a, s = (z[:, None, None, None] for z in alpha_sigma(tin))
         x0 = (a * xin - s * v).clamp(-1, 1)
-        eps = s * xin + a * v
+        eps = torch.where(s > 1e-3, (xin - a * x0) / s.clamp(min=1e-3), s * xin + a * v)   # consistent with the clamped x0
         a2, s2 = alpha_sigma(ts[i + 1])
         x = (a2 * x0 + s2 * eps).view_as(x)
     if first is not None:
