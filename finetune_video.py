@@ -42,6 +42,7 @@ class Config:
     resume: bool = True         # continue from the last *_state.safetensors checkpoint if there is one
     channels: str = "32,64,96"  # UNet channels per resolution level
     attn_res: str = "8"         # resolutions (pixels) with self- and cross-attention
+    mv_attn_res: str = "8"      # resolutions where temporal attention spans all pixels of all frames ("" = none)
     text_dim: int = 64          # text encoder width
     image_steps: int = 8000     # optimizer steps of phase image
     image_batch: int = 64       # images per step (global, over all ranks)
@@ -55,7 +56,8 @@ class Config:
     warmup: int = 100           # linear warm-up steps, then cosine decay to 10%
     cfg_drop: float = 0.1       # share of captions dropped in training (for classifier-free guidance)
     sample_steps: int = 20      # DDIM steps when sampling
-    guidance: float = 3.0       # classifier-free guidance scale on the text
+    guidance: float = 3.0       # classifier-free guidance on the text (image model: samples, per-frame baseline)
+    video_guidance: float = 1.0 # classifier-free guidance of the video model (1 = off: frame 0 conditions it)
     n_eval: int = 50            # held-out assets evaluated by phase eval
     n_faithful: int = 96        # samples scored for caption faithfulness
     sample_every: int = 2000    # steps between sample grids in samples/
@@ -70,7 +72,7 @@ PRESETS = {
     "paper": dict(channels="128,256,512,512", attn_res="32,16,8", text_dim=512, image_steps=500000, image_batch=2048,
                   video_steps=100000, video_batch=256, sample_steps=50, n_eval=1000, ckpt_every=5000),
 }
-ints = lambda s: [int(v) for v in s.split(",")]
+ints = lambda s: [int(v) for v in s.split(",") if v]
 
 # ----------------------------------------------------------------------------- data
 
@@ -106,7 +108,6 @@ def image_model_path(cfg):
 def train(cfg, unet, trainable, get_batch, steps, lr, ema_decay, frames, name, out, device, rank, world, on_sample):
     """AdamW + warm-up/cosine, EMA of the trainable weights, resumable from {name}_state.safetensors.
     Every step reseeds the RNG from (seed, step, rank), so a resumed run repeats an uninterrupted one."""
-    names = [n for n, p in unet.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in trainable]
     state_path, start = out / f"{name}_state.safetensors", 0
@@ -197,9 +198,9 @@ def evaluate(cfg, out, device, views, res, data):
     true, caps = load_orbits(data / "assets/test", views, res, cfg.n_eval)        # (N,V,3,H,W)
     ids, unknown = video.text.tokenize(caps)
     gens = {}
-    for name, net in (("video_model", video), ("image_model_per_frame", image)):
-        chunks = [model.sample(net, i.to(device), views, cfg.sample_steps, cfg.guidance, first=f.to(device), generator=torch.Generator().manual_seed(cfg.seed + k)).cpu()
-                  for k, (i, f) in enumerate(zip(ids.split(16), true[:, 0].split(16)))]
+    for name, net, g in (("video_model", video, cfg.video_guidance), ("image_model_per_frame", image, cfg.guidance)):
+        chunks = [model.sample(net, i.to(device), views, cfg.sample_steps, g, first=f.to(device), generator=torch.Generator().manual_seed(cfg.seed + k)).cpu()
+                  for k, (i, f) in enumerate(tqdm(list(zip(ids.split(16), true[:, 0].split(16))), desc=f"eval {name}", leave=False))]
         gens[name] = torch.cat(chunks)
     gens["copy_input"] = true[:, :1].expand_as(true)
     gens["white"] = torch.ones_like(true)
@@ -259,7 +260,7 @@ def main():
 
     if "video" in phases:                                              # Sec. 3.1: temporal layers only
         src = image_model_path(cfg)
-        unet, _ = model.load_unet(src, "image_model", "python finetune_video.py --phase image", frames=views)
+        unet, _ = model.load_unet(src, "image_model", "python finetune_video.py --phase image", frames=views, mv_attn_res=ints(cfg.mv_attn_res))
         if rank == 0 and src.resolve() != (out / "image_model.safetensors").resolve():
             shutil.copyfile(src, out / ".image_model.tmp")
             Path(out / ".image_model.tmp").replace(out / "image_model.safetensors")
@@ -273,7 +274,7 @@ def main():
             print(f"warning: {len(unknown)} caption words unknown to the image model ({', '.join(sorted(unknown)[:5])}...) map to <unk>")
         test, test_caps = load_orbits(data / "assets/test", views, res, 4)
         def on_sample(step):
-            g = model.sample(unet, unet.text.tokenize(test_caps)[0].to(device), views, cfg.sample_steps, cfg.guidance, first=test[:, 0].to(device),
+            g = model.sample(unet, unet.text.tokenize(test_caps)[0].to(device), views, cfg.sample_steps, cfg.video_guidance, first=test[:, 0].to(device),
                              generator=torch.Generator().manual_seed(cfg.seed)).cpu()
             save_grid(out / f"samples/video_{step:06d}.png", [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, test)])
         trainable = [p for p in unet.parameters() if p.requires_grad]

@@ -12,7 +12,6 @@ Run:    python infer.py --image out/0_data/assets/test/00000/000.png
         python infer.py --table          (after run_all.sh's experiment step)
         (inference needs no torchrun: one image at a time)
 """
-import dataclasses
 import json
 import re
 import time

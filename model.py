@@ -147,11 +147,14 @@ def attend(q, k, v, heads, mask=None):
 class TemporalLayer(nn.Module):
     """Temporal layer (inserted after a spatial block): a circular 1D convolution over the frames of
     the orbit and attention across frames with a frame-position embedding. Both are residual branches
-    whose output projections start at zero, so at insertion the block is the identity."""
+    whose output projections start at zero, so at insertion the block is the identity. With `full`
+    (low resolutions) the attention spans every pixel of every frame (multi-view attention, as in
+    MVDream), so a part can be followed as it moves across the image while the object turns."""
 
-    def __init__(self, dim, frames, heads=4):
+    def __init__(self, dim, frames, heads=4, full_res=0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.full = heads if full_res else 1, full_res > 0   # one head over 8 frames is faster, as good
+        self.spos = nn.Parameter(torch.randn(full_res * full_res, dim) * 0.02) if self.full else None
         self.n1 = nn.LayerNorm(dim)
         self.conv = nn.Conv1d(dim, dim, 3, padding=1, padding_mode="circular")  # orbits wrap around
         self.conv_out = nn.Linear(dim, dim)
@@ -166,7 +169,13 @@ class TemporalLayer(nn.Module):
         h = x.view(BF // frames, frames, C, H * W).permute(0, 3, 1, 2).reshape(-1, frames, C)  # (B*HW,F,C)
         c = self.conv(F.silu(self.n1(h)).transpose(1, 2)).transpose(1, 2)
         h = h + self.conv_out(F.silu(c))
-        h = h + self.attn_out(attend(*self.qkv(self.n2(h) + self.pos[:frames]).chunk(3, -1), self.heads))
+        if self.full:                                                 # tokens: all frames x all pixels
+            s = h.view(BF // frames, H * W, frames, C).transpose(1, 2)  # (B,F,HW,C)
+            q = (self.n2(s) + self.pos[:frames, None] + self.spos).flatten(1, 2)
+            s = s + self.attn_out(attend(*self.qkv(q).chunk(3, -1), self.heads)).view_as(s)
+            h = s.transpose(1, 2).reshape(-1, frames, C)
+        else:
+            h = h + self.attn_out(attend(*self.qkv(self.n2(h) + self.pos[:frames]).chunk(3, -1), self.heads))
         return h.view(BF // frames, H * W, frames, C).permute(0, 2, 3, 1).reshape(BF, C, H, W)
 
 class UNet(nn.Module):
@@ -174,29 +183,33 @@ class UNet(nn.Module):
     TemporalLayer follows every spatial block. Sec. 3.1: only the temporal layers are fine-tuned.
     x (B*F,3,H,W), t (B*F,) in [0,1], caption ids (B,L) -> v-prediction (B*F,3,H,W)."""
 
-    def __init__(self, vocab, channels=(32, 64, 96), attn_res=(8,), res=32, text_dim=64, frames=0):
+    def __init__(self, vocab, channels=(32, 64, 96), attn_res=(8,), res=32, text_dim=64, frames=0, mv_attn_res=()):
         super().__init__()
-        self.config = dict(vocab=list(vocab), channels=list(channels), attn_res=list(attn_res), res=res, text_dim=text_dim, frames=frames)
+        self.config = dict(vocab=list(vocab), channels=list(channels), attn_res=list(attn_res), res=res, text_dim=text_dim, frames=frames,
+                           mv_attn_res=list(mv_attn_res))
         self.text = TextEncoder(vocab, text_dim)
         emb = 4 * channels[0]
         self.time = nn.Sequential(nn.Linear(channels[0], emb), nn.SiLU(), nn.Linear(emb, emb))
         self.text_proj = nn.Linear(text_dim, emb)
         self.inp = nn.Conv2d(3, channels[0], 3, padding=1)
-        blocks, cin, r, skips = [], channels[0], res, []
+        blocks, cin, r, skips, sizes = [], channels[0], res, [], []
         for i, c in enumerate(channels):                              # down path
             blocks.append(("down", ResBlock(cin, c, emb)))
             if r in attn_res:
                 blocks.append(("down", SpatialAttention(c, text_dim)))
+            sizes += [r] * (1 + (r in attn_res))
             skips.append(c)
             cin = c
             if i < len(channels) - 1:
                 blocks.append(("pool", nn.Conv2d(c, c, 3, stride=2, padding=1)))
                 r //= 2
         blocks += [("mid", ResBlock(cin, cin, emb)), ("mid", SpatialAttention(cin, text_dim)), ("mid", ResBlock(cin, cin, emb))]
+        sizes += [r] * 3
         for i, c in reversed(list(enumerate(channels))):              # up path with skip connections
             blocks.append(("up", ResBlock(cin + skips.pop(), c, emb)))
             if r in attn_res:
                 blocks.append(("up", SpatialAttention(c, text_dim)))
+            sizes += [r] * (1 + (r in attn_res))
             cin = c
             if i > 0:
                 blocks.append(("upsample", nn.Conv2d(c, c, 3, padding=1)))
@@ -205,7 +218,8 @@ class UNet(nn.Module):
         self.blocks = nn.ModuleList([m for _, m in blocks])
         self.out = nn.Sequential(nn.GroupNorm(8, cin), nn.SiLU(), nn.Conv2d(cin, 3, 3, padding=1))
         widths = [m.c2.out_channels if isinstance(m, ResBlock) else m.o1.out_features for m in self.blocks if isinstance(m, (ResBlock, SpatialAttention))]
-        self.temporal = nn.ModuleList([TemporalLayer(w, frames) for w in widths]) if frames else None
+        self.temporal = nn.ModuleList([TemporalLayer(w, frames, full_res=r if r in mv_attn_res else 0)
+                                       for w, r in zip(widths, sizes)]) if frames else None
 
     def forward(self, x, t, ids, frames=1):
         tokens, pooled, pad = self.text(ids)                          # (B,L,D), (B,D), (B,L)
@@ -233,11 +247,11 @@ class UNet(nn.Module):
             k += 1
         return self.out(h)
 
-def load_unet(path, kind, hint, frames=0):
+def load_unet(path, kind, hint, frames=0, mv_attn_res=()):
     """Rebuild a UNet from its checkpoint's own config. frames > 0 on an image model adds
     zero-initialised temporal layers (the video model at insertion)."""
     tensors, conf, meta = load_checkpoint(path, kind, hint)
-    unet = UNet(**dict(conf, frames=frames or conf["frames"]))
+    unet = UNet(**dict(conf, frames=frames or conf["frames"], mv_attn_res=conf.get("mv_attn_res") or mv_attn_res))
     if frames and not conf["frames"]:
         tensors = dict(tensors, **{k: v for k, v in unet.state_dict().items() if k.startswith("temporal.")})
     load_weights(unet, tensors, path)

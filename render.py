@@ -212,7 +212,7 @@ def make_object(seed):
     """One object from a seed: 1-4 upright primitives in a chain, each placed relative to the
     previous one, and the caption that this structure implies. Returns dict of numpy arrays."""
     rng = np.random.default_rng(seed)
-    n = rng.choice(4, p=[0.35, 0.35, 0.2, 0.1]) + 1
+    n, prev_hz, prev_hr = rng.choice(4, p=[0.35, 0.35, 0.2, 0.1]) + 1, 0.0, 0.0   # primitives; previous one's extent
     kinds, colours, params, centres, yaws, words, rels = [], [], [], [], [], [], []
     for k in range(n):
         kind, colour, large = rng.integers(6), rng.integers(8), rng.random() < 0.5

@@ -52,12 +52,12 @@ class Config:
     hidden: int = 64             # NeRF MLP width
     density_scale: float = 10.0  # density = scale * softplus(x - 1), per box unit
     token_init: str = "image"    # image (tokens start from the patch they project to) | learned
-    steps: int = 1500            # optimizer steps
+    steps: int = 2000            # optimizer steps
     batch: int = 8               # objects per step (global, over all ranks)
     views: int = 4               # target views per object
     input_target: bool = True    # the input view is always one of the targets
     random_source: bool = True   # any view of an orbit may be the input (canonicalised)
-    lr: float = 1e-3             # peak learning rate (AdamW, betas 0.9/0.95)
+    lr: float = 2e-3             # peak learning rate (AdamW, betas 0.9/0.95)
     warmup: int = 100            # linear warm-up steps, then cosine decay to 10%
     weight_decay: float = 0.05   # AdamW weight decay (not on biases, norms, tokens)
     low_res: int = 16            # multi-stage: render resolution of the first stage (whole views)

@@ -1,7 +1,9 @@
 """Shared fixtures: one micro world per test session, and helpers to run the scripts as a student would."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,18 @@ def one_line_error(p):
     """A bad input must give a non-zero exit, one line on stderr and no traceback."""
     lines = [l for l in p.stderr.splitlines() if l.strip() and "%|" not in l]
     return p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in p.stderr
+
+
+def kill_at_checkpoint(cmd, state, min_step, timeout=120):
+    """Start `python cmd...`, SIGKILL it once its checkpoint `state` holds step >= min_step; -> that step."""
+    import render
+    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (state.is_file() and int(render.load_tensors(state)[1]["step"]) >= min_step):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return int(render.load_tensors(state)[1]["step"])
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,8 @@
 """Stages 3-4: the LRM in model.py, train_lrm.py and finetune_3d.py."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 import model
 import render
 import train_lrm
-from conftest import ROOT, one_line_error, run_script
+from conftest import ROOT, kill_at_checkpoint, one_line_error, run_script
 
 MICRO = train_lrm.Config(**train_lrm.PRESETS["micro"])
 
@@ -137,14 +135,7 @@ def test_resume_after_sigkill_gives_the_same_weights(lrm_world, tmp_path):
             (root / sub).symlink_to(lrm_world / sub)
         return root, train_args(root, "--steps", "40", "--ckpt_every", "3", "--sample_every", "1000", "--n_eval", "1")
     killed, cmd = args("killed")
-    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "3_lrm/lrm_state.safetensors"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.is_file() and int(render.load_tensors(state)[1]["step"]) >= 9):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 9 <= int(render.load_tensors(state)[1]["step"]) < 40
+    assert 9 <= kill_at_checkpoint(cmd, killed / "3_lrm/lrm_state.safetensors", 9) < 40
     run_script(*cmd)
     straight, cmd = args("straight")
     run_script(*cmd)

@@ -1,25 +1,19 @@
 """Stage 1: the text encoder, the UNet with temporal layers, the diffusion sampler, and finetune_video.py."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import model
 import render
-from conftest import ROOT, one_line_error, run_script
+from conftest import ROOT, kill_at_checkpoint, one_line_error, run_script
 
 VOCAB = "a small large red orange yellow green cyan blue purple pink sphere box cylinder cone torus capsule on top of next to".split()
 
 
 def tiny_unet(frames=0):
     torch.manual_seed(0)
-    return model.UNet(VOCAB, (16, 32), (8,), 16, 32, frames).eval()
+    return model.UNet(VOCAB, (16, 32), (8,), 16, 32, frames, mv_attn_res=(8,)).eval()
 
 
 def test_text_encoder_tokens_and_unknown_words():
@@ -103,14 +97,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, stage1):
         (root / "0_data").symlink_to(micro / "0_data")
         return root, ["finetune_video.py", "--preset", "micro", "--out", root, "--phase", "image", "--image_steps", "60", "--ckpt_every", "5"]
     killed, cmd = args("killed")
-    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "1_video/image_model_state.safetensors"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.is_file() and int(render.load_tensors(state)[1]["step"]) >= 15):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 15 <= int(render.load_tensors(state)[1]["step"]) < 60
+    assert 15 <= kill_at_checkpoint(cmd, killed / "1_video/image_model_state.safetensors", 15) < 60
     run_script(*cmd)                                         # resumes from the last checkpoint
     resumed, _ = render.load_tensors(killed / "1_video/image_model.safetensors")
     straight_root, cmd = args("straight")
