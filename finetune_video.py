@@ -44,7 +44,7 @@ class Config:
     attn_res: str = "8"         # resolutions (pixels) with self- and cross-attention
     mv_attn_res: str = "8"      # resolutions where temporal attention spans all pixels of all frames ("" = none)
     text_dim: int = 64          # text encoder width
-    image_steps: int = 8000     # optimizer steps of phase image
+    image_steps: int = 4000     # optimizer steps of phase image
     image_batch: int = 64       # images per step (global, over all ranks)
     image_lr: float = 5e-4      # peak learning rate of phase image
     image_ema: float = 0.999    # EMA decay of the image model's weights

@@ -22,6 +22,16 @@ def folders(out):
     return sorted(p.name for p in (out / "2_views").iterdir() if p.is_dir())
 
 
+def same_orbit(a, b):
+    """Same prompt, same per-prompt noise -> the same pictures up to float rounding (BLAS kernels differ
+    with batch size and thread count), while another noise would differ by tens of grey levels."""
+    assert sorted(f.name for f in a.iterdir()) == sorted(f.name for f in b.iterdir())
+    assert (a / "prompt.txt").read_text() == (b / "prompt.txt").read_text()
+    for f in sorted(a.glob("*.png")):
+        x, y = render.load_png(f)[0], render.load_png(b / f.name)[0]
+        assert (x - y).abs().mean() < 1 / 255 and (x - y).abs().max() < 24 / 255, f
+
+
 def test_micro_generation_writes_folders_the_lrm_loader_reads(micro1, tmp_path):
     out = linked_world(tmp_path / "run", micro1)
     p = run_script(*engine(out))
@@ -72,9 +82,8 @@ def test_killed_run_restarted_finishes_every_prompt_once(micro1, tmp_path):
     clean = linked_world(tmp_path / "clean", micro1)
     run_script(*engine(clean, "--num", "16", "--batch", "3", "--n_eval", "1"))
     assert folders(killed) == folders(clean) == [f"{i:05d}" for i in range(16)]
-    for name in folders(clean):                               # per-prompt noise: identical to an uninterrupted run
-        for f in (clean / "2_views" / name).iterdir():
-            assert f.read_bytes() == (killed / "2_views" / name / f.name).read_bytes()
+    for name in folders(clean):                               # per-prompt noise: the same as an uninterrupted run
+        same_orbit(clean / "2_views" / name, killed / "2_views" / name)
 
 
 def test_two_ranks_split_the_prompts(micro1, tmp_path):
@@ -87,7 +96,7 @@ def test_two_ranks_split_the_prompts(micro1, tmp_path):
     solo = linked_world(tmp_path / "solo", micro1)
     run_script(*engine(solo, "--num", "6", "--n_eval", "1"))
     for name in folders(solo):
-        assert (solo / "2_views" / name / "001.png").read_bytes() == (out / "2_views" / name / "001.png").read_bytes()
+        same_orbit(solo / "2_views" / name, out / "2_views" / name)
 
 
 @pytest.mark.parametrize("case", ["empty_prompts", "binary_prompts", "corrupt_image", "no_stage1"])
