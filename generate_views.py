@@ -42,7 +42,7 @@ class Config:
     images: str = ""              # folder of PNG/JPG images used as first frames instead (+ optional captions.txt)
     num: int = 1000               # prompts to turn into orbits (the first `num` of the file)
     batch: int = 25               # orbits generated together
-    steps: int = 10               # DDIM steps of both samplers
+    steps: int = 8                # DDIM steps of both samplers
     guidance: float = 3.0         # classifier-free guidance of the text-to-image first frame
     video_guidance: float = 1.0   # classifier-free guidance of the orbit (1 = off, half the cost)
     filter: bool = True           # reject bad orbits (--no_filter keeps everything)
