@@ -43,6 +43,7 @@ class Config:
     mesh_level: float = 5.0     # density level of the surface (density = scale * softplus(x - 1), per box unit)
     turntable: int = 24         # turntable frames (elevation 20 degrees, the input view first)
     render_res: int = 0         # turntable/view resolution, pixels (0 = the model's)
+    samples: int = 16           # turntable samples per ray, coarse and importance each (training's; --eval uses 32)
     views: int = 8              # rendered views saved under views/
     steps: int = 20             # DDIM steps for --prompt
     guidance: float = 3.0       # classifier-free guidance for --prompt
@@ -129,7 +130,7 @@ def reconstruct(cfg, lrm, name, img, device):
     times["triplane"], t = time.perf_counter() - t, time.perf_counter()
     v, f, rgb = model.lrm_mesh(lrm, planes[0].float(), cfg.mesh_res, cfg.mesh_level)
     times["mesh"], t = time.perf_counter() - t, time.perf_counter()
-    frames, _ = lrm.render(planes, c2w[None].to(device), K[None].to(device), res, n_coarse=32, n_fine=32, stratified=False)
+    frames, _ = lrm.render(planes, c2w[None].to(device), K[None].to(device), res, n_coarse=cfg.samples, n_fine=cfg.samples, stratified=False)
     frames = frames[0].float().cpu()                                           # (T,3,res,res)
     times["turntable"] = time.perf_counter() - t
     render.save_png(folder / "input.png", img)

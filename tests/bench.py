@@ -142,7 +142,7 @@ def infer_times(cfg, lrm, img):
         level = lrm.field(planes, torch.rand(1, 4096, 3) * 2 - 1)[0].median().item()  # random weights: a level that has a surface
         model.lrm_mesh(lrm, planes[0], cfg.mesh_res, level)
         out[f"mesh at {cfg.mesh_res}^3"], t = time.perf_counter() - t, time.perf_counter()
-        lrm.render(planes, c2w[None], K[None], 32, n_coarse=32, n_fine=32, stratified=False)
+        lrm.render(planes, c2w[None], K[None], 32, n_coarse=cfg.samples, n_fine=cfg.samples, stratified=False)
         out[f"turntable, {cfg.turntable} frames"] = time.perf_counter() - t
     out["total per image"] = sum(out.values())
     return out
