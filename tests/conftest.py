@@ -27,16 +27,22 @@ def one_line_error(p):
     return p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in p.stderr
 
 
-def kill_at_checkpoint(cmd, state, min_step, timeout=120):
-    """Start `python cmd...`, SIGKILL it once its checkpoint `state` holds step >= min_step; -> that step."""
-    import render
+def kill_when(cmd, ready, timeout=120):
+    """Start `python cmd...` and SIGKILL it as soon as ready() is true (or after timeout seconds)."""
     proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while time.time() < deadline and not (state.is_file() and int(render.load_tensors(state)[1]["step"]) >= min_step):
-        time.sleep(0.05)
+    while time.time() < deadline and not ready():
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    return int(render.load_tensors(state)[1]["step"])
+
+
+def kill_at_checkpoint(cmd, state, min_step, timeout=120):
+    """SIGKILL `python cmd...` once its checkpoint `state` holds step >= min_step; -> that step."""
+    import render
+    step = lambda: int(render.load_tensors(state)[1]["step"]) if state.is_file() else -1
+    kill_when(cmd, lambda: step() >= min_step, timeout)
+    return step()
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,15 @@
 """Stage 2: generate_views.py, the data engine."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import render
 import train_lrm
-from conftest import ROOT, linked_world, one_line_error, run_script
+from conftest import ROOT, kill_when, linked_world, one_line_error, run_script
 
 
 def engine(out, *extra):
@@ -71,12 +69,7 @@ def test_filter_rejects_bad_orbits_and_reports_why():
 def test_killed_run_restarted_finishes_every_prompt_once(micro1, tmp_path):
     killed = linked_world(tmp_path / "killed", micro1)
     cmd = engine(killed, "--num", "16", "--batch", "2", "--n_eval", "1")
-    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len([p for p in (killed / "2_views").glob("0*") if p.is_dir()] if (killed / "2_views").is_dir() else []) < 4:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, lambda: len([p for p in (killed / "2_views").glob("0*") if p.is_dir()]) >= 4)
     assert 4 <= len(folders(killed)) < 16
     run_script(*cmd)
     clean = linked_world(tmp_path / "clean", micro1)

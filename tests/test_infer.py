@@ -35,7 +35,6 @@ def test_run_all_writes_every_stage_and_the_table(pipeline):
     assert json.loads((pipeline / "4_from_scratch/meta.json").read_text())["config"]["steps"] == s3 + s4   # same total steps
 
 
-
 def test_scaling_step_trains_c_on_a_quarter_and_a_half_of_the_synthetic_set(pipeline):
     p = subprocess.run(["bash", "run_all.sh", "scaling", "micro", str(pipeline)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -43,6 +42,7 @@ def test_scaling_step_trains_c_on_a_quarter_and_a_half_of_the_synthetic_set(pipe
     lines = (pipeline / "table/scaling.md").read_text().splitlines()[2:]
     assert [int(line.split("|")[1]) for line in lines] == [kept // 4, kept // 2, kept]
     assert [line.split("|")[2].strip() for line in lines] == ["C_synthetic_quarter", "C_synthetic_half", "C_synthetic_then_3d"]
+
 
 def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
     lrm, _ = model.load_lrm(pipeline / "4_finetune/lrm.safetensors", "x")
