@@ -28,7 +28,7 @@ class Config(train_lrm.Config):
     init: str = ""               # the LRM to fine-tune ("" = <out>/3_lrm/lrm.safetensors)
     stage_dir: str = ""          # "" = 4_finetune (or 4_from_scratch)
     from_scratch: bool = False   # experiment A: random weights, real assets only, stage 3 + 4 steps
-    steps: int = 600             # optimizer steps
+    steps: int = 1200            # optimizer steps
     lr: float = 5e-4             # peak learning rate, lower than stage 3
     warmup: int = 30             # linear warm-up steps
     low_frac: float = 0.0        # no low-resolution stage: the model already knows coarse shapes

@@ -10,7 +10,7 @@ neighbouring views, or whose object colour drifts away from the first frame's (-
 Reads:  out/0_data/prompts.txt (or --prompts FILE, or --images DIR), out/1_video/*.safetensors
 Writes: out/2_views/<id>/ (000.png.., cameras.safetensors, prompt.txt), <id>.rejected markers,
         meta.json (counts, settings, time, filter statistics), metrics.json, preview.png
-Run:    python generate_views.py                          (tiny: 1000 prompts, about 8 minutes on 2 CPU cores)
+Run:    python generate_views.py                          (tiny: 1000 prompts, about 9 minutes on 2 CPU cores)
         python generate_views.py --preset micro --out /tmp/run
         torchrun --nproc_per_node=4 generate_views.py --preset small --device cuda   (ranks split the prompts;
         put `--` before the script's flags to pass --num, which torchrun takes for its own --numa-binding)

@@ -52,7 +52,7 @@ class Config:
     hidden: int = 64             # NeRF MLP width
     density_scale: float = 10.0  # density = scale * softplus(x - 1), per box unit
     token_init: str = "image"    # image (tokens start from the patch they project to) | learned
-    steps: int = 1400            # optimizer steps
+    steps: int = 2600            # optimizer steps
     batch: int = 8               # objects per step (global, over all ranks)
     views: int = 4               # target views per object
     input_target: bool = True    # the input view is always one of the targets

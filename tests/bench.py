@@ -155,6 +155,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups: " + ", ".join(GROUPS))
     args = p.parse_args()
+    model.keep_freed_memory()                                             # as every stage does in model.setup
     rows = []
     for name in args.only.split(","):
         GROUPS[name](rows)
