@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline and the paper's comparison, one stage after another.
-#   bash run_all.sh [preset] [out]            stages 0-5 and the (A)/(B)/(C) table   (tiny: about 85 min on 2 cores)
+#   bash run_all.sh [preset] [out]            stages 0-5 and the (A)/(B)/(C) table   (tiny: about 72 min on 2 cores)
 #   bash run_all.sh scaling [preset] [out]    the scaling curve: (C) with 1/4 and 1/2 of the synthetic set
 # Every stage skips what an earlier run already finished, so an interrupted run can simply be restarted.
 set -euo pipefail
