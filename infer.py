@@ -5,7 +5,7 @@ Reads:  an LRM checkpoint (default: the newest under --out, out/4_finetune befor
         an image file or folder (--image), or a caption (--prompt, drawn by the stage-1 image model)
 Writes: out/5_infer/<name>/ input.png, mesh.obj, mesh.ply, turntable.gif (+ .mp4 with imageio-ffmpeg), views/
         --eval DIR: out/5_infer/<name>/metrics.json;  --table: out/table/ metrics.json, table.md,
-        scaling.md (+ scaling.png with matplotlib), compare_*.gif
+        scaling.md (+ scaling.png with matplotlib), scaling_scarce.md after `run_all.sh scarce`, compare_*.gif
 Run:    python infer.py --image out/0_data/assets/test/00000/000.png
         python infer.py --prompt "a small red cone on top of a large blue box"
         python infer.py --eval out/0_data/assets/test --model out/4_finetune/lrm.safetensors
@@ -154,10 +154,13 @@ def reconstruct(cfg, lrm, name, img, device):
 
 def experiment_table(cfg):
     """out/table: the paper's comparison (A 3D only, B synthetic only, C synthetic then 3D) and the
-    scaling curve (C with a quarter, a half and all of the synthetic set), from each run's metrics."""
+    scaling curve (C with a quarter, a half and all of the synthetic set), from each run's metrics;
+    the same with a quarter of the real assets (`_scarce`) where `run_all.sh scarce` has run."""
     root, table = Path(cfg.out), Path(cfg.out) / "table"
     runs = {"A_3d_only": "4_from_scratch", "B_synthetic_only": "3_lrm", "C_synthetic_then_3d": "4_finetune",
-            "C_synthetic_quarter": "scaling/quarter/4_finetune", "C_synthetic_half": "scaling/half/4_finetune"}
+            "C_synthetic_quarter": "scaling/quarter/4_finetune", "C_synthetic_half": "scaling/half/4_finetune",
+            "A_3d_only_scarce": "4_from_scratch_scarce", "C_synthetic_then_3d_scarce": "4_finetune_scarce",   # 1/4 of the real assets
+            "C_synthetic_quarter_scarce": "scaling/quarter/4_finetune_scarce", "C_synthetic_half_scarce": "scaling/half/4_finetune_scarce"}
     rows, info = {}, {}
     for row, stage in runs.items():
         path = root / stage / "metrics.json"
@@ -176,22 +179,25 @@ def experiment_table(cfg):
                                                  seconds=round(sum(i["seconds"] for i in info.values()), 1), rows=rows, runs=info))
     render.write_text(table / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    scaling_curve(cfg, table, rows, info)
+    scaling_curve(cfg, table / "scaling", rows, info, ("C_synthetic_quarter", "C_synthetic_half", "C_synthetic_then_3d"))
+    scaling_curve(cfg, table / "scaling_scarce", rows, info, ("C_synthetic_quarter_scarce", "C_synthetic_half_scarce", "C_synthetic_then_3d_scarce"))
     comparison_gifs(cfg, table, root / "4_from_scratch/lrm.safetensors", root / "4_finetune/lrm.safetensors")
     return rows
 
 
-def scaling_curve(cfg, table, rows, info):
-    """(C) against the number of synthetic objects it was pre-trained on: scaling.md (+ scaling.png)."""
+def scaling_curve(cfg, name, rows, info, curve):
+    """(C) against the number of synthetic objects it was pre-trained on: <name>.md (+ <name>.png)."""
     pts = []
-    for row in ("C_synthetic_quarter", "C_synthetic_half", "C_synthetic_then_3d"):
+    for row in curve:
         if row in rows:
             s3 = json.loads((Path(cfg.out) / Path(info[row]["stage_dir"]).parent / "3_lrm/metrics.json").read_text())
             pts.append((s3["train_objects"], row, rows[row]))
+    if not pts:                                              # that curve's runs have not been made
+        return
     keys = ("psnr", "ssim", "color_err", "chamfer_l1", "fscore")
     lines = ["| synthetic objects | row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     lines += [f"| {n} | {row} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for n, row, r in pts]
-    render.write_text(table / "scaling.md", "\n".join(lines) + "\n")
+    render.write_text(name.with_suffix(".md"), "\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -203,7 +209,7 @@ def scaling_curve(cfg, table, rows, info):
         ax.plot([n for n, _, _ in pts], [r[k] for _, _, r in pts], "o-")
         ax.set_xlabel("synthetic objects"), ax.set_title(k)
     fig.tight_layout()
-    render.atomic_write(table / "scaling.png", lambda p: fig.savefig(p, format="png", dpi=100))
+    render.atomic_write(name.with_suffix(".png"), lambda p: fig.savefig(p, format="png", dpi=100))
 
 
 @torch.no_grad()

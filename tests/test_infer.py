@@ -44,6 +44,19 @@ def test_scaling_step_trains_c_on_a_quarter_and_a_half_of_the_synthetic_set(pipe
     assert [line.split("|")[2].strip() for line in lines] == ["C_synthetic_quarter", "C_synthetic_half", "C_synthetic_then_3d"]
 
 
+def test_scarce_step_trains_a_and_c_on_a_quarter_of_the_real_assets(pipeline):
+    p = subprocess.run(["bash", "run_all.sh", "scarce", "micro", str(pipeline)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    n = len([d for d in (pipeline / "0_data/assets/train").iterdir() if d.is_dir()]) // 4
+    a, c = (json.loads((pipeline / s / "metrics.json").read_text()) for s in ("4_from_scratch_scarce", "4_finetune_scarce"))
+    assert a["train_objects"] == c["train_objects"] == n
+    assert a["steps"] == json.loads((pipeline / "3_lrm/metrics.json").read_text())["steps"] + c["steps"]   # same total steps
+    rows = json.loads((pipeline / "table/metrics.json").read_text())["rows"]
+    assert {"A_3d_only_scarce", "C_synthetic_then_3d_scarce"} <= set(rows)
+    curve = (pipeline / "table/scaling_scarce.md").read_text().splitlines()[2:]
+    assert len(curve) == 1 + len(list(pipeline.glob("scaling/*/3_lrm/lrm.safetensors")))
+
+
 def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
     lrm, _ = model.load_lrm(pipeline / "4_finetune/lrm.safetensors", "x")
     img = render.load_object(pipeline / "0_data/assets/test/00001")["images"][:1]
