@@ -179,8 +179,8 @@ def experiment_table(cfg):
                                                  seconds=round(sum(i["seconds"] for i in info.values()), 1), rows=rows, runs=info))
     render.write_text(table / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    scaling_curve(cfg, table / "scaling", rows, info, ("C_synthetic_quarter", "C_synthetic_half", "C_synthetic_then_3d"))
-    scaling_curve(cfg, table / "scaling_scarce", rows, info, ("C_synthetic_quarter_scarce", "C_synthetic_half_scarce", "C_synthetic_then_3d_scarce"))
+    for real in ("", "_scarce"):                             # all of the real assets, then a quarter
+        scaling_curve(cfg, table / f"scaling{real}", rows, info, [f"C_synthetic_{part}{real}" for part in ("quarter", "half", "then_3d")])
     comparison_gifs(cfg, table, root / "4_from_scratch/lrm.safetensors", root / "4_finetune/lrm.safetensors")
     return rows
 

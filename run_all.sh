@@ -7,9 +7,10 @@
 # Every stage skips what an earlier run already finished, so an interrupted run can simply be restarted.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ "${1:-}" = "scaling" ]; then
-  shift
-  preset=${1:-tiny}; out=${2:-out}; args="--preset $preset --out $out"
+mode=""
+if [ "${1:-}" = "scaling" ] || [ "${1:-}" = "scarce" ]; then mode=$1; shift; fi
+preset=${1:-tiny}; out=${2:-out}; args="--preset $preset --out $out"
+if [ "$mode" = "scaling" ]; then
   kept=$(ls -d "$out"/2_views/*/ | wc -l)
   for part in quarter half; do
     if [ "$part" = quarter ]; then n=$((kept / 4)); else n=$((kept / 2)); fi
@@ -19,9 +20,7 @@ if [ "${1:-}" = "scaling" ]; then
   python infer.py $args --table
   exit 0
 fi
-if [ "${1:-}" = "scarce" ]; then
-  shift
-  preset=${1:-tiny}; out=${2:-out}; args="--preset $preset --out $out"
+if [ "$mode" = "scarce" ]; then
   n=$(( $(ls -d "$out"/0_data/assets/train/*/ | wc -l) / 4 ))
   python finetune_3d.py $args --max_objects "$n" --stage_dir 4_finetune_scarce
   python finetune_3d.py $args --max_objects "$n" --stage_dir 4_from_scratch_scarce --from_scratch
@@ -33,7 +32,6 @@ if [ "${1:-}" = "scarce" ]; then
   python infer.py $args --table
   exit 0
 fi
-preset=${1:-tiny}; out=${2:-out}; args="--preset $preset --out $out"
 python render.py $args                         # stage 0: the toy 3D world
 python finetune_video.py $args                 # stage 1: temporal layers on the shipped image model, + evaluation
 python generate_views.py $args                 # stage 2: prompts -> synthetic multi-view objects
