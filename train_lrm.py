@@ -194,7 +194,8 @@ def run(cfg, stage="train_lrm", hint="python generate_views.py"):
     if cfg.init:
         init, _ = model.load_lrm(cfg.init, "python train_lrm.py")
         if init.config != lrm.config:
-            raise render.DataError(f"{cfg.init}: an LRM of another config ({init.config['enc_dim']}/{init.config['dim']} wide); use matching --preset")
+            diff = ", ".join(f"{k} {init.config.get(k)} there, {v} here" for k, v in lrm.config.items() if init.config.get(k) != v)
+            raise render.DataError(f"{cfg.init}: an LRM of another config ({diff}); pass the same --preset and architecture flags")
         lrm.load_state_dict(init.state_dict())
     lrm.to(device).train()
     params = [p for p in lrm.parameters()]

@@ -168,6 +168,6 @@ def test_bad_inputs_get_one_line_errors(lrm_world, micro, tmp_path):
     assert one_line_error(p) and "expected 'lrm'" in p.stderr
     run_script(*train_args(lrm_world, "--stage_dir", "z", "--steps", "1", "--n_eval", "1"))
     p = run_script(*train_args(lrm_world, "--init", lrm_world / "z/lrm.safetensors", "--enc_dim", "16", "--stage_dir", "w"), check=False)
-    assert one_line_error(p) and "another config" in p.stderr
+    assert one_line_error(p) and "another config (enc_dim 32 there, 16 here)" in p.stderr
     p = run_script("finetune_3d.py", "--preset", "micro", "--out", tmp_path, check=False)
     assert one_line_error(p) and "render.py" in p.stderr
