@@ -395,15 +395,34 @@ def sample_planes(planes, pts):
     return f.view(B, 3 * planes.shape[2], N)
 
 
+def plane_points(n, depths):
+    """Cell centres of the xy, xz and yz planes' n x n grids, moved by each offset along the plane's
+    normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate, as in sample_planes."""
+    g = (torch.arange(n) + 0.5) / n * 2 - 1
+    v, u = torch.meshgrid(g, g, indexing="ij")
+    d = torch.tensor(depths, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, n)
+    u, v = u.expand_as(d), v.expand_as(d)
+    return torch.stack([torch.stack(p, -1) for p in ((u, v, d), (u, d, v), (d, u, v))])
+
+
+def plane_uv(n, depths):
+    """Where plane_points(n, depths) land in the canonical source view, as grid_sample coordinates -> (1, 3*D*n*n, 1, 2)."""
+    uv, _ = render.project(plane_points(n, depths).view(-1, 3), CANONICAL, render.intrinsics(render.FOV), 1)
+    return (uv * 2 - 1).clamp(-1, 1).view(1, -1, 1, 2)
+
+
 class LRM(nn.Module):
     """Image + source camera -> triplane -> NeRF. img (B,3,H,W) in [0,1], cam (B,16) -> planes
-    (B,3,C,P,P) for the xy, xz and yz planes of the box [-1,1]^3."""
+    (B,3,C,P,P) for the xy, xz and yz planes of the box [-1,1]^3. With plane_skip (not in the
+    paper's LRM), every plane point also reads the input pixels where points along its normal line
+    project (the source camera is always CANONICAL), so the planes get full-resolution detail."""
 
     def __init__(self, res=32, patch=4, enc_dim=128, enc_layers=4, dim=128, layers=3, heads=4, tokens=8, plane_ch=32,
-                 hidden=64, density_scale=10.0, token_init="image"):
+                 hidden=64, density_scale=10.0, token_init="image", plane_skip=0):
         super().__init__()
         self.config = dict(res=res, patch=patch, enc_dim=enc_dim, enc_layers=enc_layers, dim=dim, layers=layers, heads=heads,
-                           tokens=tokens, plane_ch=plane_ch, hidden=hidden, density_scale=density_scale, token_init=token_init)
+                           tokens=tokens, plane_ch=plane_ch, hidden=hidden, density_scale=density_scale, token_init=token_init,
+                           plane_skip=plane_skip)
         n = (res // patch) ** 2
         self.patchify = nn.Conv2d(3, enc_dim, patch, stride=patch)                # DINO-style ViT encoder
         self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, enc_dim)), nn.Parameter(torch.randn(1, n + 1, enc_dim) * 0.02)
@@ -418,13 +437,13 @@ class LRM(nn.Module):
         self.decoder = nn.Sequential(nn.Conv1d(3 * plane_ch, hidden, 1), nn.SiLU(), nn.Conv1d(hidden, hidden, 1), nn.SiLU(), nn.Conv1d(hidden, 4, 1))
         nn.init.constant_(self.decoder[-1].bias[:1], -3.0)                        # start almost empty (white)
         if token_init == "image":                                                 # where each token's plane point lands in the source view
-            g = (torch.arange(tokens) + 0.5) / tokens * 2 - 1
-            v, u = torch.meshgrid(g, g, indexing="ij")                            # token (row, col) = plane (2nd, 1st) coordinate
-            z = torch.zeros_like(u)
-            pts = torch.stack([torch.stack(p, -1) for p in ((u, v, z), (u, z, v), (z, u, v))]).view(-1, 3)  # xy, xz, yz planes
-            uv, _ = render.project(pts, CANONICAL, render.intrinsics(render.FOV), 1)
-            self.register_buffer("token_xyz", pts, persistent=False)
-            self.register_buffer("token_uv", (uv * 2 - 1).clamp(-1, 1).view(1, -1, 1, 2), persistent=False)
+            self.register_buffer("token_uv", plane_uv(tokens, (0.0,)), persistent=False)
+        self.skip = None
+        if plane_skip:                                                            # pixel-aligned skip into the planes at full resolution
+            depths = torch.linspace(-0.8, 0.8, 5).tolist()                       # offsets along each plane's normal, box units
+            self.skip_conv = nn.Sequential(nn.Conv2d(3, plane_skip, 3, padding=1), nn.SiLU(), nn.Conv2d(plane_skip, plane_skip, 3, padding=1))
+            self.skip = nn.Conv2d((3 + plane_skip) * len(depths), plane_ch, 1)
+            self.register_buffer("plane_uv", plane_uv(res, depths), persistent=False)
 
     def forward(self, img, cam, c2w=None, K=None, res=None, crop=None, **render_args):
         """-> triplanes (B,3,C,P,P); with cameras, their renders instead (one call, for DDP)."""
@@ -445,6 +464,12 @@ class LRM(nn.Module):
         for blk in self.blocks:
             t = blk(t, kv, c)
         planes = self.up(self.out_norm(t).view(B * 3, P, P, -1).permute(0, 3, 1, 2))  # token grid -> (B*3,C,res,res)
+        if self.skip is not None:                                                 # each plane point reads the pixels its normal line crosses
+            f = torch.cat([img * 2 - 1, self.skip_conv(img * 2 - 1)], 1)          # (B,3+S,H,W)
+            s = F.grid_sample(f, self.plane_uv.expand(B, -1, -1, -1), align_corners=False)  # (B,3+S,3*D*R*R,1)
+            R = planes.shape[-1]
+            s = s.view(B, f.shape[1], 3, -1, R, R).transpose(1, 2).reshape(B * 3, -1, R, R)  # (B*3,(3+S)*D,R,R)
+            planes = planes + self.skip(s)
         return planes.view(B, 3, *planes.shape[1:])
 
     def field(self, planes, pts):

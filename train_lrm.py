@@ -52,6 +52,7 @@ class Config:
     hidden: int = 64             # NeRF MLP width
     density_scale: float = 10.0  # density = scale * softplus(x - 1), per box unit
     token_init: str = "image"    # image (tokens start from the patch they project to) | learned
+    plane_skip: int = 0          # channels of a pixel-aligned skip from the input view into the planes (0 = none)
     steps: int = 2600            # optimizer steps
     batch: int = 8               # objects per step (global, over all ranks)
     views: int = 4               # target views per object
@@ -86,7 +87,7 @@ PRESETS = {
     "paper": dict(patch=8, enc_dim=768, enc_layers=12, dim=1024, layers=16, heads=16, tokens=32, plane_ch=80, steps=100000, batch=256,
                   low_res=128, crop=128, n_coarse=64, n_fine=64, n_eval=1000, mesh_res=256),
 }
-ARCH = ("patch", "enc_dim", "enc_layers", "dim", "layers", "heads", "tokens", "plane_ch", "hidden", "density_scale", "token_init")
+ARCH = ("patch", "enc_dim", "enc_layers", "dim", "layers", "heads", "tokens", "plane_ch", "hidden", "density_scale", "token_init", "plane_skip")
 
 # ----------------------------------------------------------------------------- data
 

@@ -44,11 +44,28 @@ def test_triplane_layout_and_lifted_tokens_agree():
     x, y, z = pts[0].T
     assert torch.allclose(f, torch.stack([x, y, x, z, y, z]), atol=1e-5)
     lrm = model.LRM(res=32, tokens=P)                                           # each token's point sits in its own cell
-    tok = lrm.token_xyz.view(3, P, P, 3)
+    tok = model.plane_points(P, (0.0,))[:, 0]                                   # (3,P,P,3)
     for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
         assert torch.allclose(tok[k, ..., a], cols) and torch.allclose(tok[k, ..., b], rows)
-    uv, depth = render.project(lrm.token_xyz, model.CANONICAL, render.intrinsics(render.FOV), 1)
+    uv, depth = render.project(tok.reshape(-1, 3), model.CANONICAL, render.intrinsics(render.FOV), 1)
     assert (depth > 0).all() and torch.allclose(lrm.token_uv.view(-1, 2), (uv * 2 - 1).clamp(-1, 1))
+
+
+def test_plane_skip_reads_the_pixel_a_plane_point_projects_to():
+    res, p = 16, torch.tensor([[0.0, 0.3, 0.4]])                                # a point on the yz plane (y=0.3, z=0.4)
+    uv, _ = render.project(p, model.CANONICAL, render.intrinsics(render.FOV), res)
+    col, row = uv[0]
+    img = torch.ones(1, 3, res, res)
+    img[0, 1:, int(row), int(col)] = 0.0                                        # one red pixel where it lands
+    lrm = micro_lrm(plane_skip=2)
+    green = F.grid_sample(img, lrm.plane_uv, align_corners=False)[0, 1, :, 0].view(3, 5, res, res)
+    r, c = divmod(int(green[2, 2].argmin()), res)                               # yz plane, offset 0 along x
+    assert abs(r - (0.4 + 1) / 2 * res + 0.5) <= 1 and abs(c - (0.3 + 1) / 2 * res + 0.5) <= 1   # plane rows follow z, columns y
+    assert green[2, 2].min() < 0.5 and green[2, 2].flatten().sort().values[-10:].min() == 1.0
+    planes = lrm(img, torch.zeros(1, 16))                                       # the skip is added to the planes
+    assert planes.shape == (1, 3, MICRO.plane_ch, res, res)
+    lrm.skip.weight.data.zero_()
+    assert not torch.allclose(lrm(img, torch.zeros(1, 16)), planes)
 
 
 def test_each_token_writes_only_its_own_plane_cell():
