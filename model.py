@@ -440,7 +440,7 @@ class LRM(nn.Module):
             self.register_buffer("token_uv", plane_uv(tokens, (0.0,)), persistent=False)
         self.skip = None
         if plane_skip:                                                            # pixel-aligned skip into the planes at full resolution
-            depths = torch.linspace(-0.8, 0.8, 5).tolist()                       # offsets along each plane's normal, box units
+            depths = (-0.8, -0.4, 0.0, 0.4, 0.8)                                  # offsets along each plane's normal, box units
             self.skip_conv = nn.Sequential(nn.Conv2d(3, plane_skip, 3, padding=1), nn.SiLU(), nn.Conv2d(plane_skip, plane_skip, 3, padding=1))
             self.skip = nn.Conv2d((3 + plane_skip) * len(depths), plane_ch, 1)
             self.register_buffer("plane_uv", plane_uv(res, depths), persistent=False)
@@ -452,7 +452,8 @@ class LRM(nn.Module):
 
     def encode(self, img, cam):
         B, P = img.shape[0], self.config["tokens"]
-        x = self.patchify(img * 2 - 1).flatten(2).transpose(1, 2)                 # (B,N,enc_dim) patch tokens
+        img = img * 2 - 1                                                         # (B,3,H,W) in [-1,1]
+        x = self.patchify(img).flatten(2).transpose(1, 2)                         # (B,N,enc_dim) patch tokens
         x = self.enc_norm(self.encoder(torch.cat([self.cls.expand(B, -1, -1), x], 1) + self.pos))
         c = self.camera(cam)                                                      # (B,dim)
         t = self.tokens.expand(B, -1, -1)
@@ -465,7 +466,7 @@ class LRM(nn.Module):
             t = blk(t, kv, c)
         planes = self.up(self.out_norm(t).view(B * 3, P, P, -1).permute(0, 3, 1, 2))  # token grid -> (B*3,C,res,res)
         if self.skip is not None:                                                 # each plane point reads the pixels its normal line crosses
-            f = torch.cat([img * 2 - 1, self.skip_conv(img * 2 - 1)], 1)          # (B,3+S,H,W)
+            f = torch.cat([img, self.skip_conv(img)], 1)                          # (B,3+S,H,W)
             s = F.grid_sample(f, self.plane_uv.expand(B, -1, -1, -1), align_corners=False)  # (B,3+S,3*D*R*R,1)
             R = planes.shape[-1]
             s = s.view(B, f.shape[1], 3, -1, R, R).transpose(1, 2).reshape(B * 3, -1, R, R)  # (B*3,(3+S)*D,R,R)
