@@ -8,7 +8,7 @@ and 4 together.
 
 Reads:  out/3_lrm/lrm.safetensors, out/0_data/assets/train/ (or --data), out/0_data/assets/test/
 Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, samples/, metrics.json, meta.json
-Run:    python finetune_3d.py                                  (tiny: about 8 minutes on 2 CPU cores)
+Run:    python finetune_3d.py                                  (tiny: about 6 minutes on 2 CPU cores)
         python finetune_3d.py --preset micro --out /tmp/run
         python finetune_3d.py --from_scratch                   (experiment A)
         torchrun --nproc_per_node=4 finetune_3d.py --preset small --device cuda
@@ -29,7 +29,7 @@ class Config(train_lrm.Config):
     stage_dir: str = ""          # "" = 4_finetune (or 4_from_scratch)
     from_scratch: bool = False   # experiment A: random weights, real assets only, stage 3 + 4 steps
     steps: int = 1200            # optimizer steps
-    lr: float = 5e-4             # peak learning rate, lower than stage 3
+    lr: float = 1e-3             # peak learning rate, half of stage 3's
     warmup: int = 30             # linear warm-up steps
     low_frac: float = 0.0        # no low-resolution stage: the model already knows coarse shapes
     w_pixel: float = 1.0         # the pixel loss is back: real views are exactly consistent

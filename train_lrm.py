@@ -8,7 +8,7 @@ weights), an opacity loss against the object mask (--w_mask), noise on the sourc
 
 Reads:  out/2_views/<id>/ (or any folder of object folders, --data), out/0_data/assets/test/
 Writes: out/3_lrm/lrm.safetensors, lrm_state.safetensors (for --resume), samples/, metrics.json, meta.json
-Run:    python train_lrm.py                                   (tiny: about 17 minutes on 2 CPU cores)
+Run:    python train_lrm.py                                   (tiny: about 15 minutes on 2 CPU cores)
         python train_lrm.py --preset micro --out /tmp/run      (seconds)
         torchrun --nproc_per_node=4 train_lrm.py --preset small --device cuda
 """
@@ -52,8 +52,8 @@ class Config:
     hidden: int = 64             # NeRF MLP width
     density_scale: float = 10.0  # density = scale * softplus(x - 1), per box unit
     token_init: str = "image"    # image (tokens start from the patch they project to) | learned
-    plane_skip: int = 0          # channels of a pixel-aligned skip from the input view into the planes (0 = none)
-    steps: int = 2600            # optimizer steps
+    plane_skip: int = 16         # channels of a pixel-aligned skip from the input view into the planes (0 = none, the paper's LRM)
+    steps: int = 3400            # optimizer steps
     batch: int = 8               # objects per step (global, over all ranks)
     views: int = 4               # target views per object
     input_target: bool = True    # the input view is always one of the targets
@@ -65,7 +65,7 @@ class Config:
     low_frac: float = 0.5        # share of the steps in the low-resolution stage (0 = none)
     crop: int = 16               # second stage: crop size rendered at full resolution, pixels
     n_coarse: int = 16           # coarse samples per ray (no gradient: they place the fine ones)
-    n_fine: int = 16             # importance samples per ray
+    n_fine: int = 8              # importance samples per ray
     stratified: bool = True      # jitter the coarse samples
     w_pixel: float = 0.0         # pixel MSE weight (the paper drops it for synthetic views)
     w_ssim: float = 1.0          # image-level (1 - SSIM) loss weight
@@ -85,7 +85,7 @@ PRESETS = {
     "small": dict(enc_dim=384, enc_layers=8, dim=512, layers=8, heads=8, tokens=16, plane_ch=48, steps=30000, batch=32,
                   low_res=32, crop=32, n_coarse=48, n_fine=48, n_eval=100),
     "paper": dict(patch=8, enc_dim=768, enc_layers=12, dim=1024, layers=16, heads=16, tokens=32, plane_ch=80, steps=100000, batch=256,
-                  low_res=128, crop=128, n_coarse=64, n_fine=64, n_eval=1000, mesh_res=256),
+                  low_res=128, crop=128, n_coarse=64, n_fine=64, n_eval=1000, mesh_res=256, plane_skip=0),
 }
 ARCH = ("patch", "enc_dim", "enc_layers", "dim", "layers", "heads", "tokens", "plane_ch", "hidden", "density_scale", "token_init", "plane_skip")
 
