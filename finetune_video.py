@@ -51,6 +51,7 @@ class Config:
     video_steps: int = 600      # optimizer steps of phase video
     video_batch: int = 8        # orbits per step (global)
     video_lr: float = 1e-3      # peak learning rate of the temporal layers
+    video_t_power: float = 1.0  # phase video draws noise levels t = u**p: p < 1 trains more at high noise, where views are laid out
     video_ema: float = 0.99     # EMA decay of the temporal weights
     video_shift: bool = True    # start each training orbit at a random view (cyclic shift: 8x the orbits)
     warmup: int = 100           # linear warm-up steps, then cosine decay to 10%
@@ -58,6 +59,7 @@ class Config:
     sample_steps: int = 20      # DDIM steps when sampling
     guidance: float = 3.0       # classifier-free guidance on the text (image model: samples, per-frame baseline)
     video_guidance: float = 1.0 # classifier-free guidance of the video model (1 = off: frame 0 conditions it)
+    temperature: float = 1.0    # scale of the orbit sampler's starting noise (1 = plain DDIM; lower = likelier, plainer views)
     n_eval: int = 50            # held-out assets evaluated by phase eval
     n_faithful: int = 96        # samples scored for caption faithfulness
     sample_every: int = 2000    # steps between sample grids in samples/
@@ -135,7 +137,8 @@ def train(cfg, unet, trainable, get_batch, steps, lr, ema_decay, frames, name, o
         drop = torch.rand(ids.shape[0]) < cfg.cfg_drop
         ids = torch.where(drop[:, None], torch.nn.functional.pad(torch.full((ids.shape[0], 1), 2), (0, ids.shape[1] - 1)), ids)
         with model.autocast(device):
-            loss = model.v_loss(net, x.to(device).contiguous(memory_format=torch.channels_last), ids.to(device), frames, clean_first=frames > 1)
+            loss = model.v_loss(net, x.to(device).contiguous(memory_format=torch.channels_last), ids.to(device), frames, clean_first=frames > 1,
+                                t_power=cfg.video_t_power if frames > 1 else 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -199,7 +202,8 @@ def evaluate(cfg, out, device, views, res, data):
     ids, unknown = video.text.tokenize(caps)
     gens = {}
     for name, net, g in (("video_model", video, cfg.video_guidance), ("image_model_per_frame", image, cfg.guidance)):
-        chunks = [model.sample(net, i.to(device), views, cfg.sample_steps, g, first=f.to(device), generator=torch.Generator().manual_seed(cfg.seed + k)).cpu()
+        chunks = [model.sample(net, i.to(device), views, cfg.sample_steps, g, first=f.to(device), generator=torch.Generator().manual_seed(cfg.seed + k),
+                               temperature=cfg.temperature).cpu()
                   for k, (i, f) in enumerate(tqdm(list(zip(ids.split(16), true[:, 0].split(16))), desc=f"eval {name}", leave=False))]
         gens[name] = torch.cat(chunks)
     gens["copy_input"] = true[:, :1].expand_as(true)
@@ -275,7 +279,7 @@ def main():
         test, test_caps = load_orbits(data / "assets/test", views, res, 4)
         def on_sample(step):
             g = model.sample(unet, unet.text.tokenize(test_caps)[0].to(device), views, cfg.sample_steps, cfg.video_guidance, first=test[:, 0].to(device),
-                             generator=torch.Generator().manual_seed(cfg.seed)).cpu()
+                             generator=torch.Generator().manual_seed(cfg.seed), temperature=cfg.temperature).cpu()
             save_grid(out / f"samples/video_{step:06d}.png", [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, test)])
         trainable = [p for p in unet.parameters() if p.requires_grad]
         secs = train(cfg, unet, trainable, batcher(orbits, ids, cfg.video_batch, views, cfg.video_shift), cfg.video_steps, cfg.video_lr, cfg.video_ema,

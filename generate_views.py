@@ -45,6 +45,7 @@ class Config:
     steps: int = 8                # DDIM steps of both samplers
     guidance: float = 3.0         # classifier-free guidance of the text-to-image first frame
     video_guidance: float = 1.0   # classifier-free guidance of the orbit (1 = off, half the cost)
+    temperature: float = 1.0      # scale of the orbit sampler's starting noise (as stage 1's evaluation; 1 = plain DDIM)
     filter: bool = True           # reject bad orbits (--no_filter keeps everything)
     min_area: float = 0.01        # filter: smallest object share of any view
     max_area: float = 0.75        # filter: largest object share of any view
@@ -126,7 +127,8 @@ def generate(cfg, image_unet, video_unet, names, captions, firsts, views, res, d
     noise = torch.stack([torch.randn(views + 1, 3, res, res, generator=g) for g in gens])       # (B,1+V,3,H,W)
     if firsts is None:                                                     # text -> first frame (factorised generation)
         firsts = (model.sample(image_unet, ids.to(device), 1, cfg.steps, cfg.guidance, noise=noise[:, :1])[:, 0].cpu() + 1) / 2
-    orbit = model.sample(video_unet, ids.to(device), views, cfg.steps, cfg.video_guidance, first=(firsts * 2 - 1).to(device), noise=noise[:, 1:])
+    orbit = model.sample(video_unet, ids.to(device), views, cfg.steps, cfg.video_guidance, first=(firsts * 2 - 1).to(device), noise=noise[:, 1:],
+                         temperature=cfg.temperature)
     return ((orbit.cpu() + 1) / 2).clamp(0, 1)
 
 

@@ -278,10 +278,11 @@ def alpha_sigma(t):
     """Cosine schedule (zero terminal SNR at t = 1): x_t = alpha x_0 + sigma eps."""
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
 
-def v_loss(unet, x0, ids, frames=1, clean_first=False):
+def v_loss(unet, x0, ids, frames=1, clean_first=False, t_power=1.0):
     """v-prediction MSE. x0 (B*F,3,H,W) in [-1,1]. With clean_first, frame 0 of each video is given
-    clean at t = 0 and only frames 1..F-1 are noised and scored (the image conditioning)."""
-    t = torch.rand(x0.shape[0], device=x0.device)
+    clean at t = 0 and only frames 1..F-1 are noised and scored (the image conditioning). Noise
+    levels are t = u**t_power, u uniform: t_power < 1 spends more of the steps at high noise."""
+    t = torch.rand(x0.shape[0], device=x0.device) ** t_power
     scored = torch.ones_like(t)
     if clean_first:
         first = torch.arange(x0.shape[0], device=x0.device) % frames == 0
@@ -293,12 +294,13 @@ def v_loss(unet, x0, ids, frames=1, clean_first=False):
     return (err * scored).sum() / scored.sum()
 
 @torch.no_grad()
-def sample(unet, ids, frames=1, steps=20, guidance=3.0, first=None, generator=None, noise=None):
+def sample(unet, ids, frames=1, steps=20, guidance=3.0, first=None, generator=None, noise=None, temperature=1.0):
     """DDIM (eta = 0) with classifier-free guidance on the text. ids (B,L); first (B,3,H,W) in
     [-1,1] is the clean input view for frame 0, or None; noise (B,F,3,H,W) replaces the generator's.
+    temperature scales the starting noise: below 1 the sampler picks likelier, plainer images.
     -> (B,F,3,H,W) in [-1,1]."""
     B, res, device = ids.shape[0], unet.config["res"], ids.device
-    x = (noise if noise is not None else torch.randn(B, frames, 3, res, res, generator=generator)).to(device).clone()
+    x = (noise if noise is not None else torch.randn(B, frames, 3, res, res, generator=generator)).to(device) * temperature
     null = torch.zeros_like(ids)
     null[:, 0] = 2                                                   # the empty caption: [start] only
     ts = torch.linspace(1, 0, steps + 1, device=device)

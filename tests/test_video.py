@@ -58,6 +58,8 @@ def test_sampler_is_deterministic_for_a_seed():
     b = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(7))
     c = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(a[:, 0], first)
+    cold = [model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(s), temperature=0.0) for s in (7, 8)]
+    assert torch.equal(*cold) and not torch.equal(cold[0], a)   # temperature 0: the seed no longer matters
 
 
 @pytest.fixture(scope="module")
