@@ -113,9 +113,11 @@ def train(cfg, unet, trainable, get_batch, steps, lr, ema_decay, frames, name, o
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in trainable]
     state_path, start = out / f"{name}_state.safetensors", 0
-    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "resume", "phase", "out", "sample_every", "ckpt_every", "n_eval", "n_faithful")}
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("device", "resume", "phase", "out", "sample_every", "ckpt_every", "n_eval", "n_faithful", "temperature")}
     if cfg.resume and state_path.is_file():
         tensors, saved, meta = model.load_checkpoint(state_path, name + "_state", "python finetune_video.py")
+        saved = {k: getattr(Config, k) for k in conf if k not in saved} | saved   # fields newer than the state: their defaults
         if saved != conf:
             raise render.DataError(f"{state_path}: from another config; delete it or pass --resume false")
         start = int(meta["step"])
