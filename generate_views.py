@@ -45,7 +45,7 @@ class Config:
     steps: int = 8                # DDIM steps of both samplers
     guidance: float = 3.0         # classifier-free guidance of the text-to-image first frame
     video_guidance: float = 1.0   # classifier-free guidance of the orbit (1 = off, half the cost)
-    temperature: float = 1.0      # scale of the orbit sampler's starting noise (as stage 1's evaluation; 1 = plain DDIM)
+    temperature: float = 0.2      # scale of the orbit sampler's starting noise (as stage 1's evaluation; 1 = plain DDIM)
     filter: bool = True           # reject bad orbits (--no_filter keeps everything)
     min_area: float = 0.01        # filter: smallest object share of any view
     max_area: float = 0.75        # filter: largest object share of any view

@@ -85,13 +85,13 @@ def bench_video(rows):
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], 1e-3)
     x, ids = torch.randn(cfg.video_batch * 8, 3, 32, 32).contiguous(memory_format=torch.channels_last), unet.text.tokenize(["a small red cone"] * cfg.video_batch)[0]
     def step():
-        loss = model.v_loss(unet, x, ids, 8, clean_first=True)
+        loss = model.v_loss(unet, x, ids, 8, clean_first=True, t_power=cfg.video_t_power)
         opt.zero_grad(), loss.backward(), opt.step()
     rows.append(("stage 1 training (temporal layers), tiny", cfg.video_batch * 8 / timed(step, 2), "frames/s"))
     first = torch.zeros(16, 3, 32, 32)
     ids = unet.text.tokenize(["a small red cone"] * 16)[0]
-    sec = timed(lambda: model.sample(unet.eval(), ids, 8, cfg.sample_steps, cfg.guidance, first=first), 1)
-    rows.append((f"stage 1 orbit generation ({cfg.sample_steps} DDIM steps, guidance {cfg.guidance})", sec / 16, "s/orbit"))
+    sec = timed(lambda: model.sample(unet.eval(), ids, 8, cfg.sample_steps, cfg.video_guidance, first=first, temperature=cfg.temperature), 1)
+    rows.append((f"stage 1 orbit generation ({cfg.sample_steps} DDIM steps, guidance {cfg.video_guidance})", sec / 16, "s/orbit"))
     gcfg = generate_views.Config()
     image, _ = tiny_unet(0)
     names = [f"{i:05d}" for i in range(gcfg.batch)]

@@ -108,6 +108,16 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, stage1):
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
 
 
+def test_resume_refuses_other_training_settings_but_not_sampling_ones(tmp_path, micro):
+    (tmp_path / "0_data").symlink_to(micro / "0_data")
+    cmd = ["finetune_video.py", "--preset", "micro", "--out", tmp_path, "--phase", "image", "--image_steps", "6", "--ckpt_every", "3"]
+    run_script(*cmd)
+    for other in (["--sample_steps", "3", "--temperature", "0.5"], ["--video_lr", "0.01"]):   # sampling, and phase video's
+        assert "resuming image_model from step 6" in run_script(*cmd, *other).stdout
+    p = run_script(*cmd, "--image_lr", "0.001", check=False)
+    assert one_line_error(p) and "from another config" in p.stderr
+
+
 def test_missing_or_mismatched_stage0_gets_a_one_line_hint(tmp_path, micro):
     p = run_script("finetune_video.py", "--preset", "micro", "--out", tmp_path, check=False)
     assert one_line_error(p) and "python render.py" in p.stderr
