@@ -1,10 +1,10 @@
-"""Stage 4: fine-tune the stage-3 LRM on the real 3D assets (VFusion3D Sec. 3.2, "3D data fine-tuning").
+"""Stage 4: fine-tune the stage-3 LRM on the real 3D assets (VFusion3D Sec. 3.2, 3D fine-tuning).
 
 Real renders are exactly consistent, so the pixel loss comes back (pixel + SSIM + opacity), with a
-lower learning rate and crops at full resolution. It is train_lrm.py's loop with other data and
-defaults. --from_scratch trains the same model on the real assets alone from random weights
-(experiment A of the paper's comparison), with stage 3's schedule and as many steps as stages 3
-and 4 together.
+lower learning rate and crops at full resolution. It imports train_lrm.py and runs its loop
+(train_lrm.run) with other data and defaults. --from_scratch trains the same model on the real
+assets alone from random weights (experiment A of the paper's comparison), with stage 3's
+schedule and as many steps as stages 3 and 4 together.
 
 Reads:  out/3_lrm/lrm.safetensors, out/0_data/assets/train/ (or --data), out/0_data/assets/test/
 Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, samples/, metrics.json, meta.json
@@ -13,7 +13,8 @@ Run:    python finetune_3d.py                                  (tiny: about 6 mi
         python finetune_3d.py --from_scratch                   (experiment A)
         torchrun --nproc_per_node=4 finetune_3d.py --preset small --device cuda
 """
-from dataclasses import dataclass
+
+import dataclasses
 from pathlib import Path
 
 import render
@@ -22,18 +23,18 @@ import train_lrm
 # ----------------------------------------------------------------------------- config
 
 
-@dataclass
+@dataclasses.dataclass
 class Config(train_lrm.Config):
-    data: str = ""               # real assets ("" = <out>/0_data/assets/train)
-    init: str = ""               # the LRM to fine-tune ("" = <out>/3_lrm/lrm.safetensors)
-    stage_dir: str = ""          # "" = 4_finetune (or 4_from_scratch)
-    from_scratch: bool = False   # experiment A: random weights, real assets only, stage 3 + 4 steps
-    steps: int = 1200            # optimizer steps
-    lr: float = 1e-3             # peak learning rate, half of stage 3's
-    warmup: int = 30             # linear warm-up steps
-    low_frac: float = 0.0        # no low-resolution stage: the model already knows coarse shapes
-    w_pixel: float = 1.0         # the pixel loss is back: real views are exactly consistent
-    cam_noise: float = 0.0       # real cameras are exact
+    data: str = ""  # real assets ("" = <out>/0_data/assets/train)
+    init: str = ""  # the LRM to fine-tune ("" = <out>/3_lrm/lrm.safetensors)
+    stage_dir: str = ""  # "" = 4_finetune (or 4_from_scratch)
+    from_scratch: bool = False  # experiment A: random weights, real assets only, stage 3 + 4 steps
+    steps: int = 1200  # optimizer steps
+    lr: float = 1e-3  # peak learning rate, half of stage 3's
+    warmup: int = 30  # linear warm-up steps
+    low_frac: float = 0.0  # no low-resolution stage: the model already knows coarse shapes
+    w_pixel: float = 1.0  # the pixel loss is back: real views are exactly consistent
+    cam_noise: float = 0.0  # real cameras are exact
 
 
 PRESETS = {name: dict(p) for name, p in train_lrm.PRESETS.items()}
@@ -48,23 +49,30 @@ def from_scratch(cfg):
     """Experiment A: stage 3's schedule (learning rate, warm-up, number of low-resolution steps) on
     the real assets, for as many steps as stage 3 + stage 4 took, from random weights."""
     s3 = train_lrm.Config(**train_lrm.PRESETS[cfg.preset])
-    meta = Path(cfg.out) / "3_lrm/meta.json"
-    if meta.is_file():                                       # match the stage-3 run that exists
-        s3 = train_lrm.Config(**{k: v for k, v in render.read_meta(meta.parent, "python train_lrm.py")["config"].items()
-                                 if k in train_lrm.Config.__dataclass_fields__})
+    folder = Path(cfg.out) / "3_lrm"
+    if (folder / "meta.json").is_file():
+        # match the stage-3 run that exists
+        saved = render.read_meta(folder, "python train_lrm.py")["config"]
+        names = {f.name for f in dataclasses.fields(train_lrm.Config)}
+        s3 = train_lrm.Config(**{k: v for k, v in saved.items() if k in names})
     total = s3.steps + cfg.steps
-    cfg.init, cfg.lr, cfg.warmup, cfg.steps = "", s3.lr, s3.warmup, total
+    cfg.init = ""
+    cfg.lr = s3.lr
+    cfg.warmup = s3.warmup
+    cfg.steps = total
     cfg.low_frac = s3.low_frac * s3.steps / total
     return cfg
 
 
 def main():
+    """Stage 4's data, starting weights and output folder, then stage 3's loop."""
     cfg = render.parse_config(Config, PRESETS)
     cfg.data = cfg.data or str(Path(cfg.out) / "0_data/assets/train")
-    cfg.stage_dir = cfg.stage_dir or ("4_from_scratch" if cfg.from_scratch else "4_finetune")
     if cfg.from_scratch:
+        cfg.stage_dir = cfg.stage_dir or "4_from_scratch"
         cfg = from_scratch(cfg)
     else:
+        cfg.stage_dir = cfg.stage_dir or "4_finetune"
         cfg.init = cfg.init or str(Path(cfg.out) / "3_lrm/lrm.safetensors")
     train_lrm.run(cfg, stage="finetune_3d", hint="python render.py")
 

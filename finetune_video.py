@@ -9,14 +9,16 @@ and frames 1..V-1 denoised. Phase eval: orbits for the held-out assets against t
 Reads:  out/0_data/ (stage 0), weights/image_model_<preset>.safetensors (or phase image's output)
 Writes: out/1_video/image_model.safetensors, video_model.safetensors, samples/, eval_grid.png,
         eval.gif, metrics.json, meta.json (and *_state.safetensors for --resume)
-Run:    python finetune_video.py                        (tiny: video + eval from the shipped model, ~13 min on 2 cores)
+Run:    python finetune_video.py     (tiny: video + eval from the shipped model, ~13 min on 2 cores)
         python finetune_video.py --preset micro --out /tmp/run   (all three phases, seconds)
         python finetune_video.py --phase image           (retrain the stand-in: hours on a CPU)
         torchrun --nproc_per_node=4 finetune_video.py --preset small --device cuda
 """
+
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,284 +26,472 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import model
 import render
 
+
 # ----------------------------------------------------------------------------- config
+
 
 @dataclass
 class Config:
-    preset: str = "tiny"        # micro | tiny | small | paper
-    out: str = "out"            # root holding the numbered stage folders
-    device: str = "auto"        # auto | cpu | cuda | mps
-    seed: int = 0               # repeatable runs on one machine
-    phase: str = "auto"         # image | video | eval | auto (image only if no image model exists, then video, eval)
-    image_model: str = ""       # pretrained image model; "" = out/1_video's, else weights/image_model_<preset>.safetensors
-    resume: bool = True         # continue from the last *_state.safetensors checkpoint if there is one
+    preset: str = "tiny"  # micro | tiny | small | paper
+    out: str = "out"  # root holding the numbered stage folders
+    device: str = "auto"  # auto | cpu | cuda | mps
+    seed: int = 0  # repeatable runs on one machine
+    phase: str = "auto"  # image | video | eval | auto (image if no image model, then video, eval)
+    image_model: str = ""  # pretrained image model ("" = out/1_video's, else the one in weights/)
+    resume: bool = True  # continue from the last *_state.safetensors checkpoint if there is one
     channels: str = "32,64,96"  # UNet channels per resolution level
-    attn_res: str = "8"         # resolutions (pixels) with self- and cross-attention
-    mv_attn_res: str = "8"      # resolutions where temporal attention spans all pixels of all frames ("" = none)
-    text_dim: int = 64          # text encoder width
-    image_steps: int = 4000     # optimizer steps of phase image
-    image_batch: int = 64       # images per step (global, over all ranks)
-    image_lr: float = 5e-4      # peak learning rate of phase image
-    image_ema: float = 0.999    # EMA decay of the image model's weights
-    video_steps: int = 1000     # optimizer steps of phase video
-    video_batch: int = 4        # orbits per step (global)
-    video_lr: float = 5e-3      # peak learning rate of the temporal layers
-    video_t_power: float = 0.5  # phase video draws noise levels t = u**p: p < 1 trains more at high noise, where views are laid out
-    video_ema: float = 0.99     # EMA decay of the temporal weights
-    video_shift: bool = True    # start each training orbit at a random view (cyclic shift: 8x the orbits)
-    warmup: int = 100           # linear warm-up steps, then cosine decay to 10%
-    cfg_drop: float = 0.1       # share of captions dropped in training (for classifier-free guidance)
-    sample_steps: int = 10      # DDIM steps when sampling
-    guidance: float = 3.0       # classifier-free guidance on the text (image model: samples, per-frame baseline)
-    video_guidance: float = 1.0 # classifier-free guidance of the video model (1 = off: frame 0 conditions it)
-    temperature: float = 0.2    # scale of the orbit sampler's starting noise (1 = plain DDIM; lower = likelier, plainer views)
-    n_eval: int = 50            # held-out assets evaluated by phase eval
-    n_faithful: int = 96        # samples scored for caption faithfulness
-    sample_every: int = 2000    # steps between sample grids in samples/
-    ckpt_every: int = 250       # steps between resumable checkpoints
+    attn_res: str = "8"  # resolutions (pixels) with self- and cross-attention
+    mv_attn_res: str = "8"  # where temporal attention spans all pixels of all frames ("" = none)
+    text_dim: int = 64  # text encoder width
+    image_steps: int = 4000  # optimizer steps of phase image
+    image_batch: int = 64  # images per step (global, over all ranks)
+    image_lr: float = 5e-4  # peak learning rate of phase image
+    image_ema: float = 0.999  # EMA decay of the image model's weights
+    video_steps: int = 1000  # optimizer steps of phase video
+    video_batch: int = 4  # orbits per step (global)
+    video_lr: float = 5e-3  # peak learning rate of the temporal layers
+    video_t_power: float = 0.5  # noise levels t = u**p: p < 1 trains more at high noise, where
+    # the views are laid out
+    video_ema: float = 0.99  # EMA decay of the temporal weights
+    video_shift: bool = True  # start each training orbit at a random view (cyclic shift: 8x orbits)
+    warmup: int = 100  # linear warm-up steps, then cosine decay to 10%
+    cfg_drop: float = 0.1  # share of captions dropped in training (for classifier-free guidance)
+    sample_steps: int = 10  # DDIM steps when sampling
+    guidance: float = 3.0  # classifier-free guidance on the text (image model: samples, baseline)
+    video_guidance: float = 1.0  # guidance of the video model (1 = off: frame 0 conditions it)
+    temperature: float = 0.2  # scale of the orbit sampler's start noise (1 = DDIM; lower = plainer)
+    n_eval: int = 50  # held-out assets evaluated by phase eval
+    n_faithful: int = 96  # samples scored for caption faithfulness
+    sample_every: int = 2000  # steps between sample grids in samples/
+    ckpt_every: int = 250  # steps between resumable checkpoints
+
 
 PRESETS = {
-    "micro": dict(channels="16,32", text_dim=32, image_steps=40, image_batch=16, video_steps=12, video_batch=2,
-                  warmup=5, sample_steps=4, n_eval=4, n_faithful=8, sample_every=20, ckpt_every=10),
+    "micro": dict(channels="16,32", text_dim=32, image_steps=40, image_batch=16, video_steps=12,
+                  video_batch=2, warmup=5, sample_steps=4, n_eval=4, n_faithful=8, sample_every=20,
+                  ckpt_every=10),
     "tiny": {},
-    "small": dict(channels="64,128,256,256", attn_res="16,8", text_dim=128, image_steps=60000, image_batch=256,
-                  video_steps=20000, video_batch=32, sample_steps=50, n_eval=100, ckpt_every=1000),
-    "paper": dict(channels="128,256,512,512", attn_res="32,16,8", text_dim=512, image_steps=500000, image_batch=2048,
-                  video_steps=100000, video_batch=256, sample_steps=50, n_eval=1000, ckpt_every=5000),
-}
-ints = lambda s: [int(v) for v in s.split(",") if v]
+    "small": dict(channels="64,128,256,256", attn_res="16,8", text_dim=128, image_steps=60000,
+                  image_batch=256, video_steps=20000, video_batch=32, sample_steps=50, n_eval=100,
+                  ckpt_every=1000),
+    "paper": dict(channels="128,256,512,512", attn_res="32,16,8", text_dim=512, image_steps=500000,
+                  image_batch=2048, video_steps=100000, video_batch=256, sample_steps=50,
+                  n_eval=1000, ckpt_every=5000),
+}  # fmt: skip
+HINT_IMAGE = "python finetune_video.py --phase image"
+HINT_VIDEO = "python finetune_video.py --phase video"
+
+
+def ints(s):
+    """A comma list flag ("16,8", or "" for none) -> [16, 8]."""
+    return [int(v) for v in s.split(",") if v]
+
 
 # ----------------------------------------------------------------------------- data
 
-def load_images(data):
+
+def load_images(data, res):
     """All single views and their captions -> images (N,3,H,W) in [-1,1], captions list."""
-    lines = (data / "images/captions.txt").read_text().splitlines() if (data / "images/captions.txt").is_file() else []
+    path = data / "images/captions.txt"
+    lines = path.read_text().splitlines() if path.is_file() else []
     if not lines:
-        raise render.DataError(f"{data / 'images/captions.txt'}: missing or empty; run `python render.py` first")
-    names, caps = zip(*(l.split("\t", 1) for l in lines))
-    imgs = torch.stack([render.load_png(data / "images" / f"{n}.png", data_res(data))[0] for n in tqdm(names, desc="loading images", leave=False)])
+        raise render.DataError(f"{path}: missing or empty; run `python render.py` first")
+    names, caps = zip(*(line.split("\t", 1) for line in lines))
+    names = render.progress(names, desc="loading images", leave=False)
+    imgs = torch.stack([render.load_png(data / "images" / f"{n}.png", res)[0] for n in names])
     return imgs * 2 - 1, list(caps)
+
 
 def load_orbits(folder, views, res, n=None):
     """Every object folder under `folder` -> orbits (N,V,3,H,W) in [-1,1], captions."""
-    dirs = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))[:n]
+    dirs = [p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")]
     if not dirs:
         raise render.DataError(f"{folder}: no object folders; run `python render.py` first")
-    objs = [render.load_object(d, res, views) for d in tqdm(dirs, desc=f"loading {Path(folder).name}", leave=False)]
+    dirs = render.progress(sorted(dirs)[:n], desc=f"loading {Path(folder).name}", leave=False)
+    objs = [render.load_object(d, res, views) for d in dirs]
     return torch.stack([o["images"] for o in objs]) * 2 - 1, [o["prompt"] for o in objs]
 
-def data_res(data):
-    meta = render.read_meta(data, "python render.py")
-    return meta["config"]["res"]
 
-# ----------------------------------------------------------------------------- model
+def batcher(data, ids, batch, frames, shift=False):
+    """get_batch(step, rank, world): the same global batch for any number of ranks, this rank's
+    share. With shift, each orbit starts at a random view (still a true orbit, seen from there)."""
 
-def image_model_path(cfg):
-    own = Path(cfg.out) / "1_video/image_model.safetensors"
-    return Path(cfg.image_model) if cfg.image_model else own if own.is_file() else Path(f"weights/image_model_{cfg.preset}.safetensors")
+    def get(step, rank, world):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(len(data), (batch,), generator=g)
+        start = torch.randint(frames, (batch,), generator=g) * shift
+        mine = slice(rank * batch // world, (rank + 1) * batch // world)
+        if frames == 1:
+            return data[idx[mine]], ids[idx[mine]]
+        x = torch.stack([data[i].roll(-int(s), 0) for i, s in zip(idx[mine], start[mine])])
+        return x.flatten(0, 1), ids[idx[mine]]  # (b*V,3,H,W), (b,L)
 
-# ----------------------------------------------------------------------------- training loop (both phases)
+    return get
 
-def train(cfg, unet, trainable, get_batch, steps, lr, ema_decay, frames, name, out, device, rank, world, on_sample):
-    """AdamW + warm-up/cosine, EMA of the trainable weights, resumable from {name}_state.safetensors.
-    Every step reseeds the RNG from (seed, step, rank), so a resumed run repeats an uninterrupted one."""
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ema = [p.detach().clone() for p in trainable]
-    state_path, start = out / f"{name}_state.safetensors", 0
-    conf = {k: v for k, v in dataclasses.asdict(cfg).items()       # what a resumed state must share: training fields only
-            if k not in ("device", "resume", "phase", "out", "sample_every", "ckpt_every", "n_eval", "n_faithful", "temperature",
-                         "sample_steps", "guidance", "video_guidance") and not (frames == 1 and k.startswith("video"))}
-    if cfg.resume and state_path.is_file():
-        tensors, saved, meta = model.load_checkpoint(state_path, name + "_state", "python finetune_video.py")
-        saved = {"video_t_power": 1.0} | saved   # a field newer than the state: the value the state was trained with
-        if {k: saved.get(k) for k in conf} != conf:
-            raise render.DataError(f"{state_path}: from another config; delete it or pass --resume false")
-        start = int(meta["step"])
-        with torch.no_grad():
-            for i, (p, e) in enumerate(zip(trainable, ema)):
-                p.copy_(tensors[f"p{i}"]), e.copy_(tensors[f"ema{i}"])
-        if start:
-            opt.load_state_dict({"state": {i: {"step": torch.tensor(float(start)), "exp_avg": tensors[f"m{i}"], "exp_avg_sq": tensors[f"v{i}"]}
-                                           for i in range(len(trainable))}, "param_groups": opt.state_dict()["param_groups"]})
-        print(f"resuming {name} from step {start}")
-    net = torch.nn.parallel.DistributedDataParallel(unet) if world > 1 else unet
-    bar = tqdm(range(start, steps), desc=f"phase {name.split('_')[0]}", disable=rank != 0, initial=start, total=steps)
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class Stage:
+    """Where stage 1 reads and writes, at what size, on which device and rank."""
+
+    data: Path  # out/0_data
+    out: Path  # out/1_video
+    views: int  # views per orbit
+    res: int  # image size, pixels
+    device: torch.device
+    rank: int  # this process (0 logs and saves)
+    world: int  # processes under torchrun
+
+
+@dataclass
+class Run:
+    """One training run: phase image trains the whole UNet, phase video its temporal layers. The
+    Config's <phase>_steps, <phase>_lr and <phase>_ema fields set it (phase = image | video)."""
+
+    phase: str  # image | video: the state file is <phase>_model_state.safetensors
+    trainable: list  # the parameters the optimiser updates (and keeps an EMA of)
+    get_batch: Callable  # (step, rank, world) -> x (B*F,3,H,W), ids (B,L): see batcher
+    on_sample: Callable  # (step) -> None: a sample grid every cfg.sample_every steps
+
+
+# A resumed state must share the Config's training fields, not these (nor, for phase image's
+# state, phase video's video_* fields).
+NOT_TRAINING = "device resume phase out sample_every ckpt_every n_eval n_faithful temperature"
+NOT_TRAINING = (NOT_TRAINING + " sample_steps guidance video_guidance").split()
+
+
+def training_fields(cfg, phase):
+    """The fields of cfg that a saved state of this phase must share."""
+    fields = dataclasses.asdict(cfg).items()
+    skip = phase == "image"  # the video_* fields do not touch the image model
+    return {
+        k: v for k, v in fields if k not in NOT_TRAINING and not (skip and k.startswith("video"))
+    }
+
+
+def resume(path, conf, run, opt, ema):
+    """Load a saved state into the weights, their EMA and AdamW -> its step; a state saved with
+    other training fields than conf is a one-line error. A field newer than the state reads as
+    the value the state trained with (video_t_power was 1.0 before it became a flag)."""
+    kind = f"{run.phase}_model_state"
+    tensors, saved, meta = model.load_checkpoint(path, kind, "python finetune_video.py")
+    saved = {"video_t_power": 1.0} | saved
+    if {k: saved.get(k) for k in conf} != conf:
+        raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
+    start = int(meta["step"])
+    with torch.no_grad():
+        for i, (p, e) in enumerate(zip(run.trainable, ema)):
+            p.copy_(tensors[f"p{i}"])
+            e.copy_(tensors[f"ema{i}"])
+    if start:
+        model.restore_adam_state(opt, tensors, start)
+    print(f"resuming {run.phase}_model from step {start}")
+    return start
+
+
+def optimise(cfg, net, run, opt, step, st):
+    """One AdamW step on the v-prediction loss -> the loss, the batch size. A share cfg_drop of
+    the captions becomes the empty caption [START] (classifier-free guidance learns from those)."""
+    x, ids = run.get_batch(step, st.rank, st.world)  # (B*F,3,H,W), (B,L)
+    empty = torch.full_like(ids, model.PAD)
+    empty[:, 0] = model.START
+    ids = torch.where(torch.rand(ids.shape[0])[:, None] < cfg.cfg_drop, empty, ids).to(st.device)
+    video = run.phase == "video"  # frame 0 given clean; noise levels t = u**video_t_power
+    frames = st.views if video else 1
+    x = x.to(st.device).contiguous(memory_format=torch.channels_last)
+    with model.autocast(st.device):
+        loss = model.v_loss(net, x, ids, frames, video, cfg.video_t_power if video else 1.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+    opt.step()
+    return loss.item(), x.shape[0]
+
+
+def train(cfg, unet, run, st):
+    """AdamW + warm-up/cosine, EMA of the trainable weights, resumable from the run's state file.
+    Every step reseeds the RNG from (seed, step, rank): a resumed run repeats an uninterrupted one.
+    -> seconds trained."""
+    steps, lr = getattr(cfg, f"{run.phase}_steps"), getattr(cfg, f"{run.phase}_lr")
+    opt = torch.optim.AdamW(run.trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in run.trainable]
+    path = st.out / f"{run.phase}_model_state.safetensors"
+    conf = training_fields(cfg, run.phase)
+    start = resume(path, conf, run, opt, ema) if cfg.resume and path.is_file() else 0
+    net = torch.nn.parallel.DistributedDataParallel(unet) if st.world > 1 else unet
+    bar = render.progress(
+        range(start, steps), desc=f"phase {run.phase}", initial=start, total=steps
+    )
+    bar.disable = st.rank != 0
     avg, t0 = None, time.time()
     for step in bar:
-        model.seed_all(cfg.seed * 1_000_003 + step * world + rank)
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
-        x, ids = get_batch(step, rank, world)                         # (B*F,3,H,W), (B,L)
-        drop = torch.rand(ids.shape[0]) < cfg.cfg_drop
-        ids = torch.where(drop[:, None], torch.nn.functional.pad(torch.full((ids.shape[0], 1), 2), (0, ids.shape[1] - 1)), ids)
-        with model.autocast(device):
-            loss = model.v_loss(net, x.to(device).contiguous(memory_format=torch.channels_last), ids.to(device), frames, clean_first=frames > 1,
-                                t_power=cfg.video_t_power if frames > 1 else 1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
+        model.seed_all(model.step_seed(cfg.seed, step, st.rank, st.world))
+        model.set_learning_rate(opt, model.learning_rate(step, steps, lr, cfg.warmup))
+        loss, n = optimise(cfg, net, run, opt, step, st)
         with torch.no_grad():
-            for p, e in zip(trainable, ema):
-                e.lerp_(p, 1 - ema_decay)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{(step + 1 - start) * x.shape[0] * world / (time.time() - t0):.0f}")
-        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
-            st = opt.state_dict()["state"]
-            tensors = {f"p{i}": p for i, p in enumerate(trainable)} | {f"ema{i}": e for i, e in enumerate(ema)}
-            tensors |= {f"m{i}": st[i]["exp_avg"] for i in st} | {f"v{i}": st[i]["exp_avg_sq"] for i in st}
-            model.save_checkpoint(state_path, tensors, name + "_state", conf, step=step + 1)
-        if rank == 0 and (step + 1) % cfg.sample_every == 0:
-            on_sample(step + 1)
-    with torch.no_grad():                                              # the EMA weights are the result
-        for p, e in zip(trainable, ema):
+            for p, e in zip(run.trainable, ema):
+                e.lerp_(p, 1 - getattr(cfg, f"{run.phase}_ema"))
+        # the bar shows a running mean of the loss
+        if avg is None:
+            avg = loss
+        else:
+            avg = 0.98 * avg + 0.02 * loss
+        img_s = f"{(step + 1 - start) * n * st.world / (time.time() - t0):.0f}"
+        bar.set_postfix(loss=f"{avg:.4f}", img_s=img_s, refresh=False)
+        # once in a while: the resumable state, a sample grid
+        if st.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
+            tensors = {f"p{i}": p for i, p in enumerate(run.trainable)} | model.adam_state(opt)
+            tensors |= {f"ema{i}": e for i, e in enumerate(ema)}
+            model.save_checkpoint(path, tensors, f"{run.phase}_model_state", conf, step=step + 1)
+        if st.rank == 0 and (step + 1) % cfg.sample_every == 0:
+            run.on_sample(step + 1)
+    # the EMA weights are the result
+    with torch.no_grad():
+        for p, e in zip(run.trainable, ema):
             p.copy_(e)
-    if world > 1:
+    if st.world > 1:
         dist.barrier()
     return time.time() - t0
 
-def batcher(data, ids, batch, frames, shift=False):
-    """get_batch(step, rank, world): the same global batch for any number of ranks, this rank's share.
-    With shift, each orbit starts at a random view (still a true orbit, from another first view)."""
-    def get(step, rank, world):
-        g = torch.Generator().manual_seed(step)
-        idx, start = torch.randint(len(data), (batch,), generator=g), torch.randint(frames, (batch,), generator=g) * shift
-        sl = slice(rank * batch // world, (rank + 1) * batch // world)
-        if frames == 1:
-            return data[idx[sl]], ids[idx[sl]]
-        x = torch.stack([data[i].roll(-int(s), 0) for i, s in zip(idx[sl], start[sl])])   # (b,V,3,H,W)
-        return x.flatten(0, 1), ids[idx[sl]]
-    return get
 
 # ----------------------------------------------------------------------------- evaluation
 
-def caption_faithfulness(cfg, unet, prompts, device):
-    """Share of samples for one-colour captions whose dominant object colour is the named colour."""
-    one = [p for p in prompts if len({w for w in p.split() if w in render.COLOURS}) == 1][: cfg.n_faithful]
-    ids, _ = unet.text.tokenize(one)
-    imgs = torch.cat([model.sample(unet, i.to(device), 1, cfg.sample_steps, cfg.guidance, generator=torch.Generator().manual_seed(cfg.seed + k))[:, 0]
-                      for k, i in enumerate(ids.split(32))]).cpu()
-    named = [list(render.COLOURS).index(next(w for w in p.split() if w in render.COLOURS)) for p in one]
-    hits = [model.dominant_colour((im + 1) / 2) == c for im, c in zip(imgs, named)]
-    return float(np.mean(hits)), (imgs + 1) / 2, one
+
+def sample_orbits(cfg, net, ids, first, frames, guidance, seed):
+    """Orbits (B,F,3,H,W) from clean first views (B,3,H,W) and captions, from seed's noise."""
+    res = net.config.res
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(ids), frames, 3, res, res, generator=g)
+    how = dict(steps=cfg.sample_steps, guidance=guidance, temperature=cfg.temperature)
+    return model.sample(net, ids, noise, first, **how).cpu()
+
 
 def save_grid(path, rows, scale=3):
     """rows: list of (N,3,H,W) in [0,1], each a row of the grid -> PNG."""
     grid = torch.cat([torch.cat(list(r), -1) for r in rows], -2)
-    render.save_png(path, torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0])
+    render.save_png(path, F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0])
 
-def evaluate(cfg, out, device, views, res, data):
-    """Orbits from (view 0, caption) of held-out assets: (a) video model, (b) image model frame by
-    frame with the same noise, (c) copy of the input view, (d) white. PSNR/SSIM over views 1..V-1."""
-    video, _ = model.load_unet(out / "video_model.safetensors", "video_model", "python finetune_video.py --phase video")
-    image, _ = model.load_unet(out / "image_model.safetensors", "image_model", "python finetune_video.py --phase image")
-    video, image = video.to(device).eval(), image.to(device).eval()
-    true, caps = load_orbits(data / "assets/test", views, res, cfg.n_eval)        # (N,V,3,H,W)
-    ids, unknown = video.text.tokenize(caps)
-    gens = {}
-    for name, net, g in (("video_model", video, cfg.video_guidance), ("image_model_per_frame", image, cfg.guidance)):
-        chunks = [model.sample(net, i.to(device), views, cfg.sample_steps, g, first=f.to(device), generator=torch.Generator().manual_seed(cfg.seed + k),
-                               temperature=cfg.temperature).cpu()
-                  for k, (i, f) in enumerate(tqdm(list(zip(ids.split(16), true[:, 0].split(16))), desc=f"eval {name}", leave=False))]
-        gens[name] = torch.cat(chunks)
-    gens["copy_input"] = true[:, :1].expand_as(true)
-    gens["white"] = torch.ones_like(true)
+
+def caption_faithfulness(cfg, unet, prompts, device, grid=None):
+    """Share of samples for one-colour captions whose dominant object colour is the named colour;
+    the first 32 samples go to the PNG `grid` (8 a row) when it is given."""
+    colours = list(render.COLOURS)
+    one = [p for p in prompts if len({w for w in p.split() if w in colours}) == 1][: cfg.n_faithful]
+    named = [colours.index(next(w for w in p.split() if w in colours)) for p in one]
+    imgs = []
+    for k, ids in enumerate(unet.text.tokenize(one)[0].split(32)):
+        g = torch.Generator().manual_seed(cfg.seed + k)
+        noise = torch.randn(len(ids), 1, 3, unet.config.res, unet.config.res, generator=g)
+        x = model.sample(unet, ids.to(device), noise, steps=cfg.sample_steps, guidance=cfg.guidance)
+        imgs.append((x[:, 0].cpu() + 1) / 2)
+    imgs = torch.cat(imgs)  # (N,3,H,W) in [0,1]
+    if grid:
+        save_grid(grid, [imgs[i : i + 8] for i in range(0, min(len(imgs), 32), 8)])
+    return float(np.mean([model.dominant_colour(im) == c for im, c in zip(imgs, named)]))
+
+
+DIGITS = {"psnr": 3, "ssim": 4, "color_err": 4}  # metrics.json rounds each metric to these digits
+
+
+def score(gens, true):
+    """PSNR, SSIM, colour error of each method's views 1..V-1 against the truth, and of its far
+    views alone (row name + "_far": at least 90 degrees from the input view) -> rows."""
+    views = true.shape[1]
     far = [k for k in range(1, views) if min(k, views - k) * 360 / views >= 90]
     rows = {}
     for name, g in gens.items():
         for suffix, ks in (("", list(range(1, views))), ("_far", far)):
-            m = model.view_metrics((g[:, ks].flatten(0, 1) + 1) / 2, (true[:, ks].flatten(0, 1) + 1) / 2)
-            rows[name + suffix] = {"psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4), "color_err": round(m["color_err"], 4)}
-    faith, imgs, _ = caption_faithfulness(cfg, image, (data / "prompts.txt").read_text().splitlines(), device)
+            pred, real = (g[:, ks].flatten(0, 1) + 1) / 2, (true[:, ks].flatten(0, 1) + 1) / 2
+            m = model.view_metrics(pred, real)
+            rows[name + suffix] = {k: round(m[k], n) for k, n in DIGITS.items()}
+    return rows
+
+
+def write_eval_pictures(out, gen, true, show=8):
+    """The first `show` generated orbits beside the true ones, as eval_grid.png (one orbit a row)
+    and eval.gif (one view a frame)."""
+    pairs = [torch.cat([gen[i], true[i]], -1) for i in range(min(show, len(true)))]  # (V,3,H,2W)
+    save_grid(out / "eval_grid.png", [p.add(1).div(2) for p in pairs])
+    frames = []
+    for v in range(true.shape[1]):
+        f = torch.cat([p[v] for p in pairs], -2)  # (3,show*H,2W)
+        f = F.interpolate((f[None] + 1) / 2, scale_factor=3)[0].clamp(0, 1)
+        frames.append((f.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    gif = dict(format="GIF", duration=0.25, loop=0)
+    render.atomic_write(out / "eval.gif", lambda t: imageio.mimsave(t, frames, **gif))
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def image_model_path(cfg):
+    """--image_model if given, else phase image's output in out/1_video, else the shipped one."""
+    own = Path(cfg.out) / "1_video/image_model.safetensors"
+    if cfg.image_model:
+        return Path(cfg.image_model)
+    elif own.is_file():
+        return own
+    return Path(f"weights/image_model_{cfg.preset}.safetensors")
+
+
+def phase_image(cfg, st):
+    """The pretrained stand-in for EMU Video: a text-to-image UNet on stage 0's single views."""
+    imgs, caps = load_images(st.data, st.res)
+    vocab = sorted({w for c in caps for w in c.split()})
+    config = model.UNetConfig(vocab, ints(cfg.channels), ints(cfg.attn_res), st.res, cfg.text_dim)
+    unet = model.UNet(config).to(st.device).to(memory_format=torch.channels_last)
+    ids, _ = unet.text.tokenize(caps)
+    prompts = (st.data / "prompts.txt").read_text().splitlines()
+
+    def on_sample(step):
+        """Samples -> samples/image_<step>.png, and their caption faithfulness."""
+        faith = caption_faithfulness(
+            cfg, unet, prompts, st.device, st.out / f"samples/image_{step:06d}.png"
+        )
+        tqdm.write(f"step {step}: caption faithfulness {faith:.2f}")
+
+    batches = batcher(imgs, ids, cfg.image_batch, 1)
+    secs = train(cfg, unet, Run("image", list(unet.parameters()), batches, on_sample), st)
+    if st.rank == 0:
+        faith = caption_faithfulness(
+            cfg, unet, prompts, st.device, st.out / "samples/image_final.png"
+        )
+        info = dict(steps=cfg.image_steps, seconds=round(secs), caption_faithfulness=faith)
+        path = st.out / "image_model.safetensors"
+        model.save_checkpoint(
+            path, unet.state_dict(), "image_model", config, **info, device=str(st.device)
+        )
+        print(f"image model: caption faithfulness {faith:.2f}, {secs / 60:.1f} min -> {path}")
+
+
+def phase_video(cfg, st):
+    """Sec. 3.1: zero-initialised temporal layers in the image model, every other weight frozen;
+    only the temporal layers are trained, on the orbits with frame 0 given clean."""
+    src, own = image_model_path(cfg), st.out / "image_model.safetensors"
+    mv = ints(cfg.mv_attn_res)
+    unet, _ = model.load_unet(src, "image_model", HINT_IMAGE, frames=st.views, mv_attn_res=mv)
+    # out/1_video keeps the image model it started from, for the later stages
+    if st.rank == 0 and src.resolve() != own.resolve():
+        render.atomic_write(own, lambda t: shutil.copyfile(src, t))
+    for n, p in unet.named_parameters():
+        p.requires_grad = n.startswith("temporal.")
+    unet = unet.to(st.device).to(memory_format=torch.channels_last)
+    orbits, caps = load_orbits(st.data / "assets/train", st.views, st.res)
+    ids, unknown = unet.text.tokenize(caps)
+    if unknown:
+        print(f"warning: caption words unknown to the image model map to <unk>: {sorted(unknown)}")
+    test, test_caps = load_orbits(st.data / "assets/test", st.views, st.res, 4)
+
+    def on_sample(step):
+        """Orbits of 4 held-out assets from their first view, beside the truth -> samples/."""
+        test_ids = unet.text.tokenize(test_caps)[0].to(st.device)
+        first = test[:, 0].to(st.device)
+        g = sample_orbits(cfg, unet, test_ids, first, st.views, cfg.video_guidance, cfg.seed)
+        pairs = [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, test)]  # (V,3,H,2W)
+        save_grid(st.out / f"samples/video_{step:06d}.png", pairs)
+
+    params = [p for p in unet.parameters() if p.requires_grad]
+    batches = batcher(orbits, ids, cfg.video_batch, st.views, cfg.video_shift)
+    secs = train(cfg, unet, Run("video", params, batches, on_sample), st)
+    if st.rank == 0:
+        on_sample(cfg.video_steps)
+        path, info = (
+            st.out / "video_model.safetensors",
+            dict(steps=cfg.video_steps, seconds=round(secs)),
+        )
+        model.save_checkpoint(path, unet.state_dict(), "video_model", unet.config, **info)
+        n = sum(p.numel() for p in params) / 1e6
+        print(f"video model: {n:.2f}M temporal parameters trained, {secs / 60:.1f} min -> {path}")
+
+
+def phase_eval(cfg, st, t_start):
+    """Orbits from (view 0, caption) of held-out assets: (a) video model, (b) image model frame by
+    frame with the same noise, (c) copy of the input view, (d) white. PSNR/SSIM over views 1..V-1
+    -> metrics.json, eval_grid.png, eval.gif."""
+    video, _ = model.load_unet(st.out / "video_model.safetensors", "video_model", HINT_VIDEO)
+    image, _ = model.load_unet(st.out / "image_model.safetensors", "image_model", HINT_IMAGE)
+    true, caps = load_orbits(st.data / "assets/test", st.views, st.res, cfg.n_eval)  # (N,V,3,H,W)
+    ids, _ = video.text.tokenize(caps)
+    video, image = video.to(st.device).eval(), image.to(st.device).eval()
+    nets = {
+        "video_model": (video, cfg.video_guidance),
+        "image_model_per_frame": (image, cfg.guidance),
+    }
+    gens = {}
+    for name, (net, guidance) in nets.items():
+        chunks = list(zip(ids.split(16), true[:, 0].split(16)))
+        samples = []
+        # chunk k starts from the noise of seed + k, the same for both models
+        for k, (i, f) in enumerate(render.progress(chunks, desc=f"eval {name}", leave=False)):
+            i, f = i.to(st.device), f.to(st.device)  # captions, first views
+            samples.append(sample_orbits(cfg, net, i, f, st.views, guidance, cfg.seed + k))
+        gens[name] = torch.cat(samples)
+    gens["copy_input"] = true[:, :1].expand_as(true)
+    gens["white"] = torch.ones_like(true)
+    rows = score(gens, true)
+    prompts = (st.data / "prompts.txt").read_text().splitlines()
+    faith = caption_faithfulness(cfg, image, prompts, st.device)
     rows["image_model_per_frame"]["caption_faithfulness"] = round(faith, 3)
-    show = min(8, len(true))
-    save_grid(out / "eval_grid.png", [torch.cat([gens["video_model"][i], true[i]], -1).add(1).div(2) for i in range(show)])
-    frames = [torch.cat([torch.cat([gens["video_model"][i, v], true[i, v]], -1) for i in range(show)], -2) for v in range(views)]
-    frames = [(torch.nn.functional.interpolate((f[None] + 1) / 2, scale_factor=3)[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8) for f in frames]
-    render.atomic_write(out / "eval.gif", lambda t: imageio.mimsave(t, frames, format="GIF", duration=0.25, loop=0))
-    return rows, len(true)
+    write_eval_pictures(st.out, gens["video_model"], true)
+    seconds = round(time.time() - t_start, 1)
+    metrics = dict(stage="finetune_video", preset=cfg.preset, seconds=seconds, n_objects=len(true))
+    render.save_json(st.out / "metrics.json", metrics | dict(rows=rows))
+    render.print_table(rows)
 
-def print_table(rows):
-    print(f"{'row':28s} {'psnr':>7s} {'ssim':>7s} {'color_err':>9s}")
-    for name, r in rows.items():
-        print(f"{name:28s} {r['psnr']:7.2f} {r['ssim']:7.3f} {r['color_err']:9.3f}")
 
-# ----------------------------------------------------------------------------- main
+def phases_to_run(cfg):
+    """--phase auto: image (only when there is no image model yet), then video and eval."""
+    if cfg.phase != "auto":
+        return [cfg.phase]
+    if image_model_path(cfg).is_file():
+        return ["video", "eval"]
+    return ["image", "video", "eval"]
+
+
+def read_world(cfg):
+    """Stage 0's meta.json, which must come from this preset -> (views, res)."""
+    data = Path(cfg.out) / "0_data"
+    meta = render.read_meta(data, f"python render.py --preset {cfg.preset} --out {cfg.out}")
+    if meta.get("preset") != cfg.preset:
+        raise render.DataError(
+            f"{data}: was made with preset {meta.get('preset')}, not {cfg.preset}; "
+            f"rerun `python render.py --preset {cfg.preset} --out {cfg.out}`"
+        )
+    return meta["config"]["views"], meta["config"]["res"]
+
 
 def main():
     cfg = render.parse_config(Config, PRESETS)
     device, rank, world = model.setup(cfg)
-    data, out = Path(cfg.out) / "0_data", Path(cfg.out) / "1_video"
-    meta0 = render.read_meta(data, "python render.py" + (f" --preset {cfg.preset}" if cfg.preset != "tiny" else ""))
-    if meta0.get("preset") != cfg.preset:
-        raise render.DataError(f"{data}: was made with preset {meta0.get('preset')}, not {cfg.preset}; rerun `python render.py --preset {cfg.preset} --out {cfg.out}`")
-    views, res = meta0["config"]["views"], meta0["config"]["res"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
-    phases = [cfg.phase] if cfg.phase != "auto" else (["image"] if not image_model_path(cfg).is_file() else []) + ["video", "eval"]
-    t_start, rows, n_eval = time.time(), None, 0
-    prompts = (data / "prompts.txt").read_text().splitlines()
-
-    if "image" in phases:                                              # the pretrained stand-in
-        imgs, caps = load_images(data)
-        vocab = sorted({w for c in caps for w in c.split()})
-        unet = model.UNet(vocab, ints(cfg.channels), ints(cfg.attn_res), res, cfg.text_dim).to(device).to(memory_format=torch.channels_last)
-        ids, _ = unet.text.tokenize(caps)
-        def on_sample(step):
-            faith, shown, _ = caption_faithfulness(cfg, unet, prompts, device)
-            save_grid(out / f"samples/image_{step:06d}.png", [shown[i : i + 8] for i in range(0, min(len(shown), 32), 8)])
-            tqdm.write(f"step {step}: caption faithfulness {faith:.2f}")
-        secs = train(cfg, unet, list(unet.parameters()), batcher(imgs, ids, cfg.image_batch, 1), cfg.image_steps, cfg.image_lr,
-                     cfg.image_ema, 1, "image_model", out, device, rank, world, on_sample)
-        if rank == 0:
-            faith, shown, _ = caption_faithfulness(cfg, unet, prompts, device)
-            save_grid(out / "samples/image_final.png", [shown[i : i + 8] for i in range(0, min(len(shown), 32), 8)])
-            model.save_checkpoint(out / "image_model.safetensors", unet.state_dict(), "image_model", unet.config,
-                                  steps=cfg.image_steps, seconds=round(secs), caption_faithfulness=faith, device=str(device))
-            print(f"image model: caption faithfulness {faith:.2f} after {cfg.image_steps} steps ({secs / 60:.1f} min) -> {out / 'image_model.safetensors'}")
-
-    if "video" in phases:                                              # Sec. 3.1: temporal layers only
-        src = image_model_path(cfg)
-        unet, _ = model.load_unet(src, "image_model", "python finetune_video.py --phase image", frames=views, mv_attn_res=ints(cfg.mv_attn_res))
-        if rank == 0 and src.resolve() != (out / "image_model.safetensors").resolve():
-            shutil.copyfile(src, out / ".image_model.tmp")
-            Path(out / ".image_model.tmp").replace(out / "image_model.safetensors")
-        for n, p in unet.named_parameters():
-            p.requires_grad = n.startswith("temporal.")
-        assert all(not p.requires_grad for n, p in unet.named_parameters() if not n.startswith("temporal."))
-        unet = unet.to(device).to(memory_format=torch.channels_last)
-        orbits, caps = load_orbits(data / "assets/train", views, res)
-        ids, unknown = unet.text.tokenize(caps)
-        if unknown:
-            print(f"warning: {len(unknown)} caption words unknown to the image model ({', '.join(sorted(unknown)[:5])}...) map to <unk>")
-        test, test_caps = load_orbits(data / "assets/test", views, res, 4)
-        def on_sample(step):
-            g = model.sample(unet, unet.text.tokenize(test_caps)[0].to(device), views, cfg.sample_steps, cfg.video_guidance, first=test[:, 0].to(device),
-                             generator=torch.Generator().manual_seed(cfg.seed), temperature=cfg.temperature).cpu()
-            save_grid(out / f"samples/video_{step:06d}.png", [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, test)])
-        trainable = [p for p in unet.parameters() if p.requires_grad]
-        secs = train(cfg, unet, trainable, batcher(orbits, ids, cfg.video_batch, views, cfg.video_shift), cfg.video_steps, cfg.video_lr, cfg.video_ema,
-                     views, "video_model", out, device, rank, world, on_sample)
-        if rank == 0:
-            on_sample(cfg.video_steps)
-            model.save_checkpoint(out / "video_model.safetensors", unet.state_dict(), "video_model", unet.config, steps=cfg.video_steps, seconds=round(secs))
-            print(f"video model: {sum(p.numel() for p in trainable) / 1e6:.2f}M temporal parameters trained, {cfg.video_steps} steps ({secs / 60:.1f} min)")
-
+    views, res = read_world(cfg)
+    st = Stage(Path(cfg.out) / "0_data", Path(cfg.out) / "1_video", views, res, device, rank, world)
+    (st.out / "samples").mkdir(parents=True, exist_ok=True)
+    phases = phases_to_run(cfg)
+    t_start = time.time()
+    if "image" in phases:
+        phase_image(cfg, st)
+    if "video" in phases:
+        phase_video(cfg, st)
     if "eval" in phases and rank == 0:
-        rows, n_eval = evaluate(cfg, out, device, views, res, data)
-        render.save_json(out / "metrics.json", dict(stage="finetune_video", preset=cfg.preset, seconds=round(time.time() - t_start, 1), n_objects=n_eval, rows=rows))
-        print_table(rows)
+        phase_eval(cfg, st, t_start)
     if rank == 0:
-        render.save_json(out / "meta.json", dict(stage="finetune_video", preset=cfg.preset, config=dataclasses.asdict(cfg), views=views, res=res,
-                                                 phases=phases, versions=dict(torch=torch.__version__), world_version=render.WORLD_VERSION))
-        print(f"stage 1 ({', '.join(phases)}) done in {(time.time() - t_start) / 60:.1f} min -> {out}\nnext: python generate_views.py")
+        meta = dict(stage="finetune_video", preset=cfg.preset, config=dataclasses.asdict(cfg))
+        meta |= dict(views=views, res=res, phases=phases, versions=dict(torch=torch.__version__))
+        render.save_json(st.out / "meta.json", meta | dict(world_version=render.WORLD_VERSION))
+        minutes = (time.time() - t_start) / 60
+        print(f"stage 1 ({', '.join(phases)}) done in {minutes:.1f} min -> {st.out}")
+        print("next: python generate_views.py")
     if world > 1:
         dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     render.run_cli(main)

@@ -13,13 +13,17 @@ Run:    python render.py                      (tiny preset, about a minute on a 
 Paper:  the stand-in for Objaverse renders (VFusion3D Sec. 3.1 fine-tunes on orbit renders of 3D
         assets) and for the volume rendering of the LRM (Sec. 3.2, via LRM/EG3D-style triplanes).
 """
+
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,64 +35,132 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-WORLD_VERSION = 1  # bump when the world (shapes, colours, framing) changes: shipped weights check it
+# Bump when the world (shapes, colours, framing) changes: shipped weights check it.
+WORLD_VERSION = 1
+
+# A pixel is background when every channel is at least this bright. One threshold serves every
+# mask: the LRM's opacity target, the data engine's filter, the colour metric, framing a photo.
+NON_WHITE = 0.92
+
+
+def object_mask(img):
+    """Object pixels of images (..., 3, H, W) on white -> bool (..., H, W)."""
+    return (img < NON_WHITE).any(-3)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar that redraws often on a terminal and once a minute into a log file."""
+    return tqdm(iterable, mininterval=0.1 if sys.stderr.isatty() else 60.0, **kwargs)
+
 
 # ----------------------------------------------------------------------------- config
 
+
 @dataclass
 class Config:
-    preset: str = "tiny"       # micro | tiny | small | paper (fills the fields below)
-    out: str = "out"           # root folder holding the numbered stage folders
-    seed: int = 0              # world seed: the same seed writes the same bytes
-    device: str = "cpu"        # unused here (rendering runs on the CPU), kept for a uniform CLI
-    n_train: int = 400         # real 3D assets for training (the scarce 3D data)
-    n_test: int = 50           # held-out real assets, evaluation only
-    n_images: int = 10000      # single views of other objects (the abundant 2D data)
-    n_prompts: int = 2000      # captions of other objects (the "web-scale" prompts)
-    views: int = 8             # views per orbit
-    res: int = 32              # image size, pixels
-    supersample: int = 2       # rays per pixel side when rendering (anti-aliasing)
-    trace_steps: int = 48      # sphere-tracing steps
+    preset: str = "tiny"  # micro | tiny | small | paper (fills the fields below)
+    out: str = "out"  # root folder holding the numbered stage folders
+    seed: int = 0  # world seed: the same seed writes the same bytes
+    device: str = "cpu"  # unused here (rendering runs on the CPU), kept for a uniform CLI
+    n_train: int = 400  # real 3D assets for training (the scarce 3D data)
+    n_test: int = 50  # held-out real assets, evaluation only
+    n_images: int = 10000  # single views of other objects (the abundant 2D data)
+    n_prompts: int = 2000  # captions of other objects (the "web-scale" prompts)
+    views: int = 8  # views per orbit
+    res: int = 32  # image size, pixels
+    supersample: int = 2  # rays per pixel side when rendering (anti-aliasing)
+    trace_steps: int = 48  # sphere-tracing steps
     surface_points: int = 4096  # ground-truth surface points per asset
-    batch: int = 96            # images rendered together
+    batch: int = 96  # images rendered together
+
 
 PRESETS = {
-    "micro": dict(n_train=12, n_test=4, n_images=64, n_prompts=32, views=4, res=16, surface_points=1024),
+    "micro": dict(
+        n_train=12, n_test=4, n_images=64, n_prompts=32, views=4, res=16, surface_points=1024
+    ),
     "tiny": {},
     "small": dict(n_train=2000, n_test=100, n_images=50000, n_prompts=20000, views=16, res=64),
-    "paper": dict(n_train=100000, n_test=1000, n_images=1000000, n_prompts=4000000, views=16, res=256),
+    "paper": dict(
+        n_train=100000, n_test=1000, n_images=1000000, n_prompts=4000000, views=16, res=256
+    ),
 }
 
-# Fixed framing (world units, degrees): objects fit a sphere of radius 0.85, which fills the frame.
-ELEVATION, RADIUS, FOV = 20.0, 2.4, 45.0
+# Fixed framing (world units, degrees): objects fit a sphere of radius FRAME_FILL, which fills
+# the frame, seen from cameras on a circle of radius RADIUS at ELEVATION degrees.
+ELEVATION = 20.0
+RADIUS = 2.4
+FOV = 45.0
+FRAME_FILL = 0.85
+
 
 class DataError(Exception):
     """Bad input from the user or the disk: printed as one line, never as a traceback."""
 
+
+def parse_bool(text):
+    """A bool flag's value: 1, true or yes (any case) is True, anything else False."""
+    return text.lower() in ("1", "true", "yes")
+
+
+def field_comments(cls):
+    """{field: (group title, comment)} from the source of dataclass `cls` and its bases: the
+    `# ...` after each field (a subclass's replaces its base's); a comment line of its own above
+    some fields is their group's title."""
+    found = {}
+    for klass in reversed(cls.__mro__[:-1]):  # the base classes first, `object` left out
+        title = None
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            heading = re.match(r"\s+# (.+)", line)
+            field = re.match(r"\s+(\w+): [\w.]+ = .*?  # (.+)", line)
+            if heading:
+                title = heading[1]
+            elif field:
+                found[field[1]] = (title, field[2])
+    return found
+
+
 def parse_config(cls, presets, argv=None):
-    """Fill dataclass `cls` from --preset, then from one flag per field (`--res 32`)."""
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.split("\n")[0])
+    """Fill dataclass `cls` from --preset, then from one flag per field (`--res 32`). --help shows
+    each flag's default and comment (field_comments), grouped as the fields of `cls` are."""
+    parser = argparse.ArgumentParser(
+        description=" ".join(sys.modules[cls.__module__].__doc__.split("\n\n")[0].split()),
+        epilog="The defaults are the Config's: --preset replaces some, and flags override both.",
+    )
+    comments = field_comments(cls)
+    groups = {}
     for f in dataclasses.fields(cls):
-        typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type
-        p.add_argument("--" + f.name, type=typ, default=None, nargs="?" if f.type is bool else None, const=True if f.type is bool else None)
-        if f.type is bool:                                       # --flag, --flag false, --no_flag
-            p.add_argument("--no_" + f.name, dest=f.name, action="store_const", const=False)
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]   # torchrun ... script.py -- --num 8
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+        title, comment = comments.get(f.name, (None, ""))
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        add = groups[title].add_argument
+        flag = "--" + f.name
+        text = f"{comment} (default: {f.default})".strip().replace("%", "%%")
+        if f.type is bool:  # --flag, --flag false, --no_flag
+            add(flag, type=parse_bool, nargs="?", const=True, default=None, help=text)
+            add(f"--no_{f.name}", dest=f.name, action="store_const", const=False, help="= false")
+        else:
+            add(flag, type=f.type, default=None, help=text)
+    # torchrun passes the script's own flags after a `--` (torchrun ... script.py -- --num 8)
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", cls.preset)
     if preset not in presets:
         raise DataError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
     return cls(**{**presets[preset], **args, "preset": preset})
+
 
 def run_cli(main):
     """Run `main()`, turning bad input (DataError) and file-system errors into one line on stderr."""
     try:
         main()
     except (DataError, OSError) as e:
-        print(f"error: {e}" + (" (check --out and the disk)" if isinstance(e, OSError) else ""), file=sys.stderr)
+        hint = " (check --out and the disk)" if isinstance(e, OSError) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         sys.exit(2)
 
+
 # ----------------------------------------------------------------------------- atomic files
+
 
 def atomic_write(path, write):
     """Call write(tmp_path), then rename to `path`: a reader never sees a half-written file."""
@@ -101,23 +173,28 @@ def atomic_write(path, write):
     finally:
         tmp.unlink(missing_ok=True)
 
+
 def save_png(path, img):
     """img: float (C,H,W) in [0,1] or uint8 (H,W,C); C = 3 or 4."""
     if torch.is_tensor(img):
         img = (img.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
     atomic_write(path, lambda t: Image.fromarray(img).save(t, format="PNG"))
 
+
 def write_text(path, text):
     """Atomic text write that leaves an identical file untouched (a rerun rewrites nothing complete)."""
     if not (Path(path).is_file() and Path(path).read_text() == text):
         atomic_write(path, lambda t: t.write_text(text))
 
+
 def save_json(path, obj):
     write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+
 
 def save_tensors(path, tensors, meta=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
+
 
 def load_tensors(path):
     """Read a .safetensors file -> (dict of tensors, metadata dict). Never unpickles anything."""
@@ -127,7 +204,11 @@ def load_tensors(path):
     except FileNotFoundError:
         raise DataError(f"{path}: file missing") from None
     except Exception as e:
-        raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}); delete it and rerun the stage that wrote it") from None
+        raise DataError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}); "
+            "delete it and rerun the stage that wrote it"
+        ) from None
+
 
 def load_png(path, res=None):
     """-> rgb (3,H,W) composited on white, alpha (1,H,W) or None. Checks the size when res is given."""
@@ -137,12 +218,17 @@ def load_png(path, res=None):
     except FileNotFoundError:
         raise DataError(f"{path}: file missing") from None
     except Exception:
-        raise DataError(f"{path}: not a readable image; delete it and rerun the stage that wrote it") from None
+        raise DataError(
+            f"{path}: not a readable image; delete it and rerun the stage that wrote it"
+        ) from None
     if res is not None and im.size != (res, res):
-        raise DataError(f"{path}: is {im.size[0]}x{im.size[1]}, expected {res}x{res}; regenerate it at this preset")
+        raise DataError(
+            f"{path}: is {im.size[0]}x{im.size[1]}, expected {res}x{res}; regenerate it at this preset"
+        )
     has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     x = torch.from_numpy(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255).permute(2, 0, 1)
     return (x[:3] * x[3:] + 1 - x[3:], x[3:]) if has_alpha else (x[:3], None)
+
 
 def read_meta(folder, hint):
     """The meta.json of a finished stage folder, or a one-line DataError naming the command to run."""
@@ -150,11 +236,15 @@ def read_meta(folder, hint):
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{folder}: missing or incomplete (no meta.json); run `{hint}` first") from None
+        raise DataError(
+            f"{folder}: missing or incomplete (no meta.json); run `{hint}` first"
+        ) from None
     except ValueError:
         raise DataError(f"{path}: corrupt; delete {folder} and run `{hint}` again") from None
 
+
 # ----------------------------------------------------------------------------- cameras
+
 
 def orbit(views, start_deg=0.0, elevation_deg=ELEVATION, radius=RADIUS):
     """The fixed orbit: `views` azimuths evenly spaced from the input view's, as OpenGL camera-to-world
@@ -162,18 +252,21 @@ def orbit(views, start_deg=0.0, elevation_deg=ELEVATION, radius=RADIUS):
     az = (start_deg + torch.arange(views) * 360.0 / views).deg2rad()
     el = torch.full_like(az, float(elevation_deg)).deg2rad()
     pos = radius * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)  # (V,3)
-    back = F.normalize(pos, dim=-1)                                 # camera +z points away from the target
-    right = F.normalize(torch.cross(torch.tensor([0.0, 0, 1]).expand_as(back), back, dim=-1), dim=-1)
+    back = F.normalize(pos, dim=-1)  # camera +z points away from the target
+    world_up = torch.tensor([0.0, 0, 1]).expand_as(back)
+    right = F.normalize(torch.cross(world_up, back, dim=-1), dim=-1)
     up = torch.cross(back, right, dim=-1)
     c2w = torch.eye(4).repeat(len(az), 1, 1)
     c2w[:, :3, :3] = torch.stack([right, up, back], -1)
     c2w[:, :3, 3] = pos
     return c2w, intrinsics(FOV).expand(views, 3, 3).clone()
 
+
 def intrinsics(fov_deg):
     """Pinhole intrinsics normalised by the image size: fx = fy = 0.5 / tan(fov/2), cx = cy = 0.5."""
     f = 0.5 / np.tan(np.deg2rad(fov_deg) / 2)
     return torch.tensor([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]], dtype=torch.float32)
+
 
 def camera_rays(c2w, K, res, crop=None):
     """World rays through pixel centres of a res x res image, or of a crop (top, left, size), where top
@@ -181,120 +274,247 @@ def camera_rays(c2w, K, res, crop=None):
     directions (B,h,w,3)."""
     top, left, size = crop if crop is not None else (0, 0, res)
     v, u = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    v = (v + torch.as_tensor(top).view(-1, 1, 1) + 0.5) / res                # normalised pixel centres (.,h,w)
+    v = (v + torch.as_tensor(top).view(-1, 1, 1) + 0.5) / res  # normalised pixel centres (.,h,w)
     u = (u + torch.as_tensor(left).view(-1, 1, 1) + 0.5) / res
     x = (u - K[:, 0, 2, None, None]) / K[:, 0, 0, None, None]
-    y = -(v - K[:, 1, 2, None, None]) / K[:, 1, 1, None, None]      # image rows go down, camera +y up
-    d_cam = torch.stack([x, y, -torch.ones_like(x)], -1)             # (B,h,w,3)
+    y = -(v - K[:, 1, 2, None, None]) / K[:, 1, 1, None, None]  # image rows go down, camera +y up
+    d_cam = torch.stack([x, y, -torch.ones_like(x)], -1)  # (B,h,w,3)
     dirs = F.normalize(torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], d_cam), dim=-1)
     return c2w[:, None, None, :3, 3].expand_as(dirs), dirs
+
 
 def project(points, c2w, K, res):
     """World points (N,3) -> pixel coordinates (N,2) as (column, row) in pixels, and depth (N,)."""
     w2c = torch.linalg.inv(c2w)
-    p = points @ w2c[:3, :3].T + w2c[:3, 3]                           # camera coordinates
+    p = points @ w2c[:3, :3].T + w2c[:3, 3]  # camera coordinates
     depth = -p[:, 2]
     col = (K[0, 0] * p[:, 0] / depth + K[0, 2]) * res
     row = (-K[1, 1] * p[:, 1] / depth + K[1, 2]) * res
     return torch.stack([col, row], -1), depth
 
+
 # ----------------------------------------------------------------------------- the procedural world
 
-SHAPES = ("sphere", "box", "cylinder", "cone", "torus", "capsule")
-COLOURS = {"red": (0.86, 0.13, 0.12), "orange": (0.97, 0.52, 0.08), "yellow": (0.96, 0.84, 0.10),
-           "green": (0.16, 0.64, 0.20), "cyan": (0.08, 0.70, 0.78), "blue": (0.13, 0.28, 0.90),
-           "purple": (0.55, 0.20, 0.75), "pink": (0.97, 0.45, 0.72)}
-PALETTE = torch.tensor(list(COLOURS.values()))                       # (8,3)
+# Each primitive stands upright (axis z) with three parameters (a, b, e); its distance function of
+# x, y, z in its own frame and rho = sqrt(x^2 + y^2) says what they mean (exact but for the cone).
+
+
+def sphere_sdf(x, y, z, rho, a, b, e):
+    """Sphere of radius a."""
+    return torch.sqrt(rho * rho + z * z) - a
+
+
+def box_sdf(x, y, z, rho, a, b, e):
+    """Box of half sizes a, b, e along x, y, z."""
+    bx = x.abs() - a
+    by = y.abs() - b
+    bz = z.abs() - e
+    outside = bx.clamp(min=0).square() + by.clamp(min=0).square() + bz.clamp(min=0).square()
+    return torch.sqrt(outside) + torch.maximum(torch.maximum(bx, by), bz).clamp(max=0)
+
+
+def cylinder_sdf(x, y, z, rho, a, b, e):
+    """Cylinder of radius a and half height b."""
+    radial = rho - a
+    axial = z.abs() - b
+    outside = radial.clamp(min=0).square() + axial.clamp(min=0).square()
+    return torch.sqrt(outside) + torch.maximum(radial, axial).clamp(max=0)
+
+
+def cone_sdf(x, y, z, rho, a, b, e):
+    """Cone of base radius a and half height b, apex up: the larger of the distances to the plane of
+    its slanted side and to its base's, a lower bound, which is enough for sphere tracing."""
+    side = ((rho - a) * 2 * b + (z + b) * a) / torch.sqrt(4 * b * b + a * a)
+    return torch.maximum(side, -z - b)
+
+
+def torus_sdf(x, y, z, rho, a, b, e):
+    """Ring around the z axis: radius a to the middle of the tube, tube radius b."""
+    return torch.sqrt((rho - a).square() + z * z) - b
+
+
+def capsule_sdf(x, y, z, rho, a, b, e):
+    """Capsule: all points within a of the upright segment from z = -b to z = b."""
+    return torch.sqrt(rho * rho + (z - z.clamp(-b, b)).square()) - a
+
+
+def extent(formula, p):
+    """An extent of a primitive with parameters p = (a, b, e), named by its formula in SHAPES."""
+    a, b, e = p
+    values = {"a": a, "b": b, "e": e, "a + b": a + b, "hypot(a, b)": np.hypot(a, b)}
+    values["norm(a, b, e)"] = np.linalg.norm(p)
+    return values[formula]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One kind of primitive: its word in captions, the ranges its parameters are drawn from, its
+    extents (which place the next primitive and frame the object) and its signed distance."""
+
+    name: str
+    ranges: tuple  # a, then b, then e: s * (low + span * u) for a size s, u uniform in [0, 1)
+    half_height: str  # formulas (see extent): half its height, to stack the next one on top
+    radius: str  # its horizontal radius, to stand the next primitive beside it
+    bound: str  # the radius of its bounding sphere, to centre and fit the object
+    sdf: Callable  # (x, y, z in its upright frame, rho = sqrt(x^2 + y^2), a, b, e) -> distance
+
+
+# One entry per kind; the index is the kind integer stored in objects (0 sphere ... 5 capsule).
+# name, ranges of the parameters, half height, radius, bounding radius, distance
+SHAPES = (
+    Shape("sphere", ((1.0, 0.0),), "a", "a", "a", sphere_sdf),
+    Shape("box", ((0.55, 0.35),) * 3, "e", "hypot(a, b)", "norm(a, b, e)", box_sdf),
+    Shape("cylinder", ((0.6, 0.25), (0.55, 0.35)), "b", "a", "hypot(a, b)", cylinder_sdf),
+    Shape("cone", ((0.7, 0.25), (0.65, 0.3)), "b", "a", "hypot(a, b)", cone_sdf),
+    Shape("torus", ((0.7, 0.1), (0.25, 0.08)), "b", "a + b", "a + b", torus_sdf),
+    Shape("capsule", ((0.4, 0.1), (0.35, 0.2)), "a + b", "a", "a + b", capsule_sdf),
+)
+SHAPE_NAMES = tuple(shape.name for shape in SHAPES)
+
+COLOURS = {
+    "red": (0.86, 0.13, 0.12),
+    "orange": (0.97, 0.52, 0.08),
+    "yellow": (0.96, 0.84, 0.10),
+    "green": (0.16, 0.64, 0.20),
+    "cyan": (0.08, 0.70, 0.78),
+    "blue": (0.13, 0.28, 0.90),
+    "purple": (0.55, 0.20, 0.75),
+    "pink": (0.97, 0.45, 0.72),
+}
+PALETTE = torch.tensor(list(COLOURS.values()))  # (8,3)
 RELATIONS = ("on top of", "next to")
-AMBIENT, LIGHT = 0.55, F.normalize(torch.tensor([0.35, 0.25, 1.0]), dim=0)  # Lambert + ambient shading
+MAX_PARTS = 4  # primitives per object
+EMPTY = -1  # the kind of an unused primitive slot in pack()
+
+# Lambert + ambient shading under one distant light, from above and a little to the side.
+AMBIENT = 0.55
+LIGHT = F.normalize(torch.tensor([0.35, 0.25, 1.0]), dim=0)
+
+
+def draw_part(rng):
+    """One primitive: kind, colour, size word, parameters, half height hz and horizontal radius hr."""
+    kind = rng.integers(len(SHAPES))
+    colour = rng.integers(len(COLOURS))
+    large = rng.random() < 0.5
+    s = rng.uniform(0.5, 0.62) if large else rng.uniform(0.28, 0.36)  # size
+    u = rng.uniform(size=3)
+    shape = SHAPES[kind]
+    p = [s * (low + span * x) for (low, span), x in zip(shape.ranges, u)]
+    p += [0] * (3 - len(p))  # the parameters a shape does not list are 0
+    extents = dict(hz=extent(shape.half_height, p), hr=extent(shape.radius, p))
+    return dict(kind=kind, colour=colour, large=large, params=p, **extents)
+
+
+def place_part(part, prev, rng):
+    """The centre of `part` and its relation to the previous primitive: on top of it (within 0.05 of
+    its axis), or next to it (5% into it, so they touch) on the same ground."""
+    if rng.random() < 0.5:
+        lift = prev["hz"] + part["hz"]
+        return prev["centre"] + np.r_[rng.uniform(-0.05, 0.05, 2), lift], RELATIONS[0]
+    phi = rng.uniform(0, 2 * np.pi)
+    side = np.r_[np.cos(phi), np.sin(phi), 0] * 0.95 * (prev["hr"] + part["hr"])
+    return prev["centre"] + side + np.r_[0, 0, part["hz"] - prev["hz"]], RELATIONS[1]
+
+
+def centre_and_fit(kinds, params, centres):
+    """Centre the box around the primitives' bounding spheres on the origin -> centres (N,3), and the
+    scale (at most 1) that fits the object in a sphere of radius FRAME_FILL."""
+    bound = np.array([extent(SHAPES[k].bound, p) for k, p in zip(kinds, params)], np.float32)
+    centres -= ((centres - bound[:, None]).min(0) + (centres + bound[:, None]).max(0)) / 2
+    scale = min(1.0, FRAME_FILL / (np.linalg.norm(centres, axis=1) + bound).max())
+    return centres, scale
+
+
+def caption_of(parts):
+    """The caption, last primitive first: 'a small red cone on top of a large blue box next to ...'."""
+    words = []
+    for p in parts:
+        size = "large" if p["large"] else "small"
+        words.append(f"a {size} {list(COLOURS)[p['colour']]} {SHAPES[p['kind']].name}")
+    relations = [p["relation"] for p in parts[1:]]
+    return words[-1] + "".join(f" {r} {w}" for r, w in zip(relations[::-1], words[-2::-1]))
+
 
 def make_object(seed):
     """One object from a seed: 1-4 upright primitives in a chain, each placed relative to the
     previous one, and the caption that this structure implies. Returns dict of numpy arrays."""
     rng = np.random.default_rng(seed)
-    n, prev_hz, prev_hr = rng.choice(4, p=[0.35, 0.35, 0.2, 0.1]) + 1, 0.0, 0.0   # primitives; previous one's extent
-    kinds, colours, params, centres, yaws, words, rels = [], [], [], [], [], [], []
-    for k in range(n):
-        kind, colour, large = rng.integers(6), rng.integers(8), rng.random() < 0.5
-        s = rng.uniform(0.5, 0.62) if large else rng.uniform(0.28, 0.36)
-        u = rng.uniform(size=3)
-        p = [(s, 0, 0), s * (0.55 + 0.35 * u), (s * (0.6 + 0.25 * u[0]), s * (0.55 + 0.35 * u[1]), 0),
-             (s * (0.7 + 0.25 * u[0]), s * (0.65 + 0.3 * u[1]), 0), (s * (0.7 + 0.1 * u[0]), s * (0.25 + 0.08 * u[1]), 0),
-             (s * (0.4 + 0.1 * u[0]), s * (0.35 + 0.2 * u[1]), 0)][kind]
-        hz = [p[0], p[2], p[1], p[1], p[1], p[0] + p[1]][kind]                    # half height
-        hr = [p[0], np.hypot(p[0], p[1]), p[0], p[0], p[0] + p[1], p[0]][kind]    # horizontal radius
-        if k == 0:
-            c = np.zeros(3)
-        elif rng.random() < 0.5:                                                  # on top of the previous
-            c = centres[-1] + np.r_[rng.uniform(-0.05, 0.05, 2), prev_hz + hz]
-            rels.append(RELATIONS[0])
-        else:                                                                     # next to it, same ground
-            phi = rng.uniform(0, 2 * np.pi)
-            c = centres[-1] + np.r_[np.cos(phi), np.sin(phi), 0] * 0.95 * (prev_hr + hr) + np.r_[0, 0, hz - prev_hz]
-            rels.append(RELATIONS[1])
-        kinds.append(kind); colours.append(colour); params.append(p); centres.append(c)
-        yaws.append(rng.uniform(0, 2 * np.pi)); words.append(f"a {'large' if large else 'small'} {list(COLOURS)[colour]} {SHAPES[kind]}")
-        prev_hz, prev_hr = hz, hr
-    params, centres = np.array(params, np.float32), np.array(centres, np.float32)
-    bound = np.array([[p[0], np.linalg.norm(p), np.hypot(p[0], p[1]), np.hypot(p[0], p[1]), p[0] + p[1], p[0] + p[1]][k]
-                      for k, p in zip(kinds, params)], np.float32)             # bounding-sphere radius
-    centres -= ((centres - bound[:, None]).min(0) + (centres + bound[:, None]).max(0)) / 2  # centre the object
-    scale = min(1.0, 0.85 / (np.linalg.norm(centres, axis=1) + bound).max())      # fit the frame with a margin
-    caption = words[-1] + "".join(f" {r} {w}" for r, w in zip(rels[::-1], words[-2::-1]))
-    return dict(kind=np.array(kinds), colour=np.array(colours), params=params * scale,
-                centre=centres * scale, yaw=np.array(yaws, np.float32), caption=caption)
+    parts = []
+    for _ in range(rng.choice(MAX_PARTS, p=[0.35, 0.35, 0.2, 0.1]) + 1):  # 1-4 primitives
+        part = draw_part(rng)
+        if parts:
+            part["centre"], part["relation"] = place_part(part, parts[-1], rng)
+        else:
+            part["centre"] = np.zeros(3)  # the first one stands at the origin
+        part["yaw"] = rng.uniform(0, 2 * np.pi)
+        parts.append(part)
+    kinds = np.array([p["kind"] for p in parts])
+    params = np.array([p["params"] for p in parts], np.float32)
+    centres = np.array([p["centre"] for p in parts], np.float32)
+    centres, scale = centre_and_fit(kinds, params, centres)
+    return dict(
+        kind=kinds,
+        colour=np.array([p["colour"] for p in parts]),
+        params=params * scale,
+        centre=centres * scale,
+        yaw=np.array([p["yaw"] for p in parts], np.float32),
+        caption=caption_of(parts),
+    )
+
+
+# ----------------------------------------------------------------------------- the exact renderer
+
 
 def pack(objects):
-    """List of objects -> tensors padded to 4 primitives (kind -1 = none)."""
+    """List of objects -> tensors padded to MAX_PARTS primitives (kind EMPTY = none)."""
     n = len(objects)
-    out = dict(kind=torch.full((n, 4), -1), colour=torch.zeros(n, 4, dtype=torch.long), params=torch.zeros(n, 4, 3), centre=torch.zeros(n, 4, 3), yaw=torch.zeros(n, 4))
+    out = dict(
+        kind=torch.full((n, MAX_PARTS), EMPTY),
+        colour=torch.zeros(n, MAX_PARTS, dtype=torch.long),
+        params=torch.zeros(n, MAX_PARTS, 3),
+        centre=torch.zeros(n, MAX_PARTS, 3),
+        yaw=torch.zeros(n, MAX_PARTS),
+    )
     for i, o in enumerate(objects):
         for key in out:
             out[key][i, : len(o["kind"])] = torch.as_tensor(o[key])
     return out
 
+
 def pair_up(obj, packed):
     """The real (ray, primitive) pairs for rays of objects obj (R,) (non-decreasing: rays come object by
     object), sorted by primitive kind so each SDF formula runs on one contiguous slice, no padding."""
-    n_rays = torch.bincount(obj, minlength=len(packed["kind"]))               # rays per object
+    n_rays = torch.bincount(obj, minlength=len(packed["kind"]))  # rays per object
     start = torch.cumsum(n_rays, 0) - n_rays
-    o, slot = (packed["kind"] >= 0).nonzero(as_tuple=True)                     # existing primitives
+    o, slot = (packed["kind"] != EMPTY).nonzero(as_tuple=True)  # existing primitives
     k, order = packed["kind"][o, slot].sort(stable=True)
     o, slot = o[order], slot[order]
-    reps = n_rays[o]                                                             # each pairs with its object's rays
-    ray = torch.repeat_interleave(start[o] - (torch.cumsum(reps, 0) - reps), reps) + torch.arange(int(reps.sum()))
-    rep = lambda x: torch.repeat_interleave(x, reps, dim=0)
+    reps = n_rays[o]  # each pairs with its object's rays
+    # pair j of primitive i is ray start[o[i]] + j: count all pairs, less those before primitive i
+    first = start[o] - (torch.cumsum(reps, 0) - reps)
+    ray = torch.repeat_interleave(first, reps) + torch.arange(int(reps.sum()))
     yaw = packed["yaw"][o, slot]
-    return dict(ray=ray, n=len(obj), counts=torch.bincount(k, weights=reps, minlength=6).long().tolist(), cos=rep(yaw.cos()),
-                sin=rep(yaw.sin()), centre=rep(packed["centre"][o, slot]), params=rep(packed["params"][o, slot]), colour=rep(packed["colour"][o, slot]))
+    per_primitive = dict(cos=yaw.cos(), sin=yaw.sin(), centre=packed["centre"][o, slot])
+    per_primitive.update(params=packed["params"][o, slot], colour=packed["colour"][o, slot])
+    counts = torch.bincount(k, weights=reps, minlength=len(SHAPES)).long().tolist()  # per kind
+    pairs = {key: torch.repeat_interleave(x, reps, dim=0) for key, x in per_primitive.items()}
+    return dict(ray=ray, n=len(obj), counts=counts, **pairs)
+
 
 def pair_sdf(points, pr):
-    """Signed distance of each pair's point to its primitive, in the primitive's upright frame.
-    The cone's value is a lower bound (max of two half-spaces), which is enough for sphere tracing."""
+    """Signed distance of each pair's point to its primitive, in the primitive's upright frame:
+    the pairs come sorted by kind, so each kind's distance runs on one slice (SHAPES[kind].sdf)."""
     q = points[pr["ray"]] - pr["centre"]
     c, s = pr["cos"], pr["sin"]
-    xs, ys, zs = (c * q[:, 0] + s * q[:, 1]).split(pr["counts"]), (c * q[:, 1] - s * q[:, 0]).split(pr["counts"]), q[:, 2].split(pr["counts"])
+    xs = (c * q[:, 0] + s * q[:, 1]).split(pr["counts"])
+    ys = (c * q[:, 1] - s * q[:, 0]).split(pr["counts"])
+    zs = q[:, 2].split(pr["counts"])
     ps = pr["params"].split(pr["counts"])
-    pos = lambda u: u.clamp(min=0).square()
     out = []
-    for k, (x, y, z, p) in enumerate(zip(xs, ys, zs, ps)):
-        a, b, e = p.unbind(-1)
-        rho = torch.sqrt(x * x + y * y)
-        if k == 0:                                                          # sphere
-            out.append(torch.sqrt(rho * rho + z * z) - a)
-        elif k == 1:                                                        # box
-            bx, by, bz = x.abs() - a, y.abs() - b, z.abs() - e
-            out.append(torch.sqrt(pos(bx) + pos(by) + pos(bz)) + torch.maximum(torch.maximum(bx, by), bz).clamp(max=0))
-        elif k == 2:                                                        # cylinder
-            u, v = rho - a, z.abs() - b
-            out.append(torch.sqrt(pos(u) + pos(v)) + torch.maximum(u, v).clamp(max=0))
-        elif k == 3:                                                        # cone
-            out.append(torch.maximum(((rho - a) * 2 * b + (z + b) * a) / torch.sqrt(4 * b * b + a * a), -z - b))
-        elif k == 4:                                                        # torus
-            out.append(torch.sqrt((rho - a).square() + z * z) - b)
-        else:                                                               # capsule
-            out.append(torch.sqrt(rho * rho + (z - z.clamp(-b, b)).square()) - a)
+    for shape, x, y, z, p in zip(SHAPES, xs, ys, zs, ps):
+        out.append(shape.sdf(x, y, z, torch.sqrt(x * x + y * y), *p.unbind(-1)))
     return torch.cat(out)
+
 
 def scene_sdf(points, pr):
     """Union of the primitives at points (R,3) -> distance (R,) and palette index of the nearest (R,)."""
@@ -305,51 +525,73 @@ def scene_sdf(points, pr):
     colour[pr["ray"][nearest]] = pr["colour"][nearest]
     return dist, colour
 
+
 @torch.no_grad()
 def render_views(packed, obj, c2w, K, res, supersample=2, steps=48, eps=1e-3):
     """Exact renderer: sphere tracing, nearest primitive's colour, Lambert + ambient, white background.
     obj (B,) object index per image, c2w (B,4,4), K (B,3,3) -> RGBA (B,4,res,res) in [0,1] (straight
     alpha: RGB is the object's colour, A its coverage) and the hit points (B,res*ss,res*ss,3)."""
-    B, ss = len(obj), supersample
-    o, d = camera_rays(c2w, K, res * ss)                     # normalised intrinsics serve any resolution
-    hw = o.shape[1] * o.shape[2]
-    o, d, ray_obj = o.reshape(-1, 3), d.reshape(-1, 3), obj.repeat_interleave(hw)
-    b = (o * d).sum(-1)                                       # ray vs bounding sphere of radius 1
+    B = len(obj)
+    ss = supersample
+    o, d = camera_rays(c2w, K, res * ss)  # normalised intrinsics serve any resolution
+    ray_obj = obj.repeat_interleave(o.shape[1] * o.shape[2])  # (B*h*w,)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    b = (o * d).sum(-1)  # ray vs bounding sphere of radius 1
     disc = b * b - (o * o).sum(-1) + 1.0
     t, t_far = (-b - disc.clamp(min=0).sqrt()).clamp(min=0), -b + disc.clamp(min=0).sqrt()
-    alive, hit = disc > 0, torch.zeros(len(o), dtype=torch.bool)
-    for _ in range(0, steps, 8):                                # compact the live rays every 8 steps
+    alive = disc > 0
+    hit = torch.zeros(len(o), dtype=torch.bool)
+    # sphere tracing: each step goes as far as the distance to the scene; the live rays are
+    # compacted every 8 steps, so rays that hit or left stop costing anything
+    for _ in range(0, steps, 8):
         i = alive.nonzero()[:, 0]
         if len(i) == 0:
             break
-        oi, di, ti, fi, pr, live = o[i], d[i], t[i], t_far[i], pair_up(ray_obj[i], packed), alive[i]
+        oi, di = o[i], d[i]
+        ti, fi = t[i], t_far[i]
+        pr = pair_up(ray_obj[i], packed)
+        live = alive[i]
         for _ in range(8):
             dist, _ = scene_sdf(oi + ti[:, None] * di, pr)
             ti = ti + dist * live
             live = live & (dist >= eps) & (ti < fi)
-        t[i], alive[i], hit[i] = ti, live, (dist < eps) & (ti < fi)
+        t[i] = ti
+        alive[i] = live
+        hit[i] = (dist < eps) & (ti < fi)
+    # shade the hits: the nearest primitive's colour, Lambert + ambient
     i = hit.nonzero()[:, 0]
-    x, pr = o[i] + t[i, None] * d[i], pair_up(ray_obj[i], packed)
+    x = o[i] + t[i, None] * d[i]
+    pr = pair_up(ray_obj[i], packed)
     _, near = scene_sdf(x, pr)
-    h = 1e-3 * torch.tensor([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1.0]])  # tetrahedral gradient
+    # the normal is the distance's gradient, from four samples on a tetrahedron around x
+    h = 1e-3 * torch.tensor([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1.0]])
     grad = sum(h[j] * scene_sdf(x + h[j], pr)[0][:, None] for j in range(4))
     shade = AMBIENT + (1 - AMBIENT) * (F.normalize(grad, dim=-1) @ LIGHT).clamp(min=0)
     rgb = torch.zeros(len(o), 3).index_copy_(0, i, PALETTE[near] * shade[:, None])
     pts = torch.full((len(o), 3), float("nan")).index_copy_(0, i, x)
-    rgb, a = rgb.view(B, res, ss, res, ss, 3), hit.float().view(B, res, ss, res, ss, 1)
-    cover = a.mean((2, 4))                                   # coverage, (B,res,res,1)
+    # each pixel averages its ss x ss rays
+    rgb = rgb.view(B, res, ss, res, ss, 3)
+    a = hit.float().view(B, res, ss, res, ss, 1)
+    cover = a.mean((2, 4))  # coverage, (B,res,res,1)
     colour = (rgb * a).sum((2, 4)) / (a.sum((2, 4)) + 1e-8)  # straight (unpremultiplied) colour
     return torch.cat([colour, cover], -1).permute(0, 3, 1, 2), pts.view(B, res * ss, res * ss, 3)
+
 
 def surface_points(obj, n, res=64, seed=0):
     """Ground truth: n points (with albedo colours) spread uniformly over the object's surface."""
     packed = pack([obj])
-    sdf = lambda p: scene_sdf(p, pair_up(torch.zeros(len(p), dtype=torch.long), packed))
-    v, f = extract_mesh(lambda p: -sdf(p)[0], res, 0.0, chunk=res**3)    # inside = negative distance
+
+    def sdf(p):
+        """Distance (N,) to the object and palette index (N,) of the nearest primitive at p (N,3)."""
+        return scene_sdf(p, pair_up(torch.zeros(len(p), dtype=torch.long), packed))
+
+    v, f = extract_mesh(lambda p: -sdf(p)[0], res, 0.0, chunk=res**3)  # inside = negative distance
     pts = sample_mesh(v, f, n, seed)
     return pts, PALETTE[sdf(pts)[1]]
 
+
 # ----------------------------------------------------------------------------- volume rendering
+
 
 def ray_box(o, d, bound=1.0):
     """Entry and exit distances of rays (R,3) through the box [-bound,bound]^3, and a hit mask."""
@@ -359,14 +601,23 @@ def ray_box(o, d, bound=1.0):
     far = torch.maximum(t0, t1).min(-1).values
     return near, far, far > near + 1e-6
 
+
 def composite_samples(sigma, rgb, t, far):
     """Alpha compositing on white (NeRF quadrature): sigma (R,S), rgb (R,S,3), sorted t (R,S)."""
     delta = torch.diff(torch.cat([t, far[:, None]], -1), dim=-1).clamp(min=0)
     tau = sigma * delta
     trans = torch.exp(-torch.cumsum(torch.cat([torch.zeros_like(tau[:, :1]), tau[:, :-1]], -1), -1))
-    w = (1 - torch.exp(-tau)) * trans                          # (R,S)
+    w = (1 - torch.exp(-tau)) * trans  # (R,S)
     acc = w.sum(-1)
-    return (w[..., None] * rgb).sum(1) + (1 - acc[:, None]), acc, (w * t).sum(-1) / acc.clamp(min=1e-6), w
+    colour = (w[..., None] * rgb).sum(1) + (1 - acc[:, None])
+    depth = (w * t).sum(-1) / acc.clamp(min=1e-6)
+    return colour, acc, depth, w
+
+
+def bin_offsets(n_rays, n, stratified):
+    """Where each of n samples per ray sits in its bin: uniform at random, or the middle."""
+    return torch.rand(n_rays, n) if stratified else torch.full((n_rays, n), 0.5)
+
 
 def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
     """Render rays o, d (R,3) through field(points (R,S,3)) -> (density (R,S) >= 0, colour (R,S,3)).
@@ -377,19 +628,22 @@ def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
     near, far, valid = ray_box(o, d)
     far = torch.where(valid, far, near + 1e-3)
     edges = torch.linspace(0, 1, n_coarse + 1)
-    u = torch.rand(len(o), n_coarse) if stratified else torch.full((len(o), n_coarse), 0.5)
-    t = near[:, None] + (far - near)[:, None] * (edges[:-1] + u / n_coarse)   # (R,Sc)
+    u = bin_offsets(len(o), n_coarse, stratified)
+    t = near[:, None] + (far - near)[:, None] * (edges[:-1] + u / n_coarse)  # (R,Sc)
     with torch.set_grad_enabled(torch.is_grad_enabled() and n_fine == 0):
         sigma, rgb = field(o[:, None] + t[..., None] * d[:, None])
     if n_fine > 0:
         with torch.no_grad():
             w = composite_samples(sigma * valid[:, None], rgb, t, far)[3] + 1e-4
-            cdf = torch.cat([torch.zeros_like(w[:, :1]), torch.cumsum(w / w.sum(-1, keepdim=True), -1)], -1)
-            q = (torch.arange(n_fine) + (torch.rand(len(o), n_fine) if stratified else torch.full((len(o), n_fine), 0.5))) / n_fine
+            # inverse CDF of the coarse weights at n_fine evenly spread (jittered) quantiles q
+            cum = torch.cumsum(w / w.sum(-1, keepdim=True), -1)
+            cdf = torch.cat([torch.zeros_like(w[:, :1]), cum], -1)
+            q = (torch.arange(n_fine) + bin_offsets(len(o), n_fine, stratified)) / n_fine
             k = torch.searchsorted(cdf, q.contiguous(), right=True).clamp(1, n_coarse)
             lo, hi = cdf.gather(1, k - 1), cdf.gather(1, k)
             e = near[:, None] + (far - near)[:, None] * edges
-            t_fine = e.gather(1, k - 1) + ((q - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1) * (e.gather(1, k) - e.gather(1, k - 1))
+            frac = ((q - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1)  # where q lies in its bin
+            t_fine = e.gather(1, k - 1) + frac * (e.gather(1, k) - e.gather(1, k - 1))  # (R,Sf)
         s2, c2 = field(o[:, None] + t_fine[..., None] * d[:, None])
         t, order = torch.cat([t, t_fine], -1).sort(-1)
         sigma = torch.cat([sigma, s2], -1).gather(1, order)
@@ -397,20 +651,25 @@ def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
     colour, acc, depth, _ = composite_samples(sigma * valid[:, None], rgb, t, far)
     return colour, acc, depth
 
+
 # ----------------------------------------------------------------------------- meshes and metrics
+
 
 @torch.no_grad()
 def extract_mesh(density_fn, res, level, chunk=2**16):
     """Evaluate density_fn (points (N,3) -> (N,)) on a res^3 grid over [-1,1]^3 in chunks, then
     marching cubes (scikit-image, Lewiner) at `level` -> vertices (V,3) in world units, faces (F,3)."""
     from skimage.measure import marching_cubes
+
     g = torch.linspace(-1, 1, res)
     grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).view(-1, 3)
     vol = torch.cat([density_fn(p) for p in grid.split(chunk)]).view(res, res, res).float().numpy()
     if not (vol.min() < level < vol.max()):
         return torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)
     v, f, _, _ = marching_cubes(vol, level, spacing=(2 / (res - 1),) * 3)
-    return torch.from_numpy(v.copy()).float() - 1, torch.from_numpy(f[:, ::-1].astype(np.int64))  # wind outwards
+    faces = torch.from_numpy(f[:, ::-1].astype(np.int64))  # reversed, so they wind outwards
+    return torch.from_numpy(v.copy()).float() - 1, faces
+
 
 def sample_mesh(v, f, n, seed=0):
     """n points spread uniformly (by area) over a triangle mesh; the origin if the mesh is empty."""
@@ -423,31 +682,57 @@ def sample_mesh(v, f, n, seed=0):
     r1, r2 = torch.rand(n, 1, generator=gen).sqrt(), torch.rand(n, 1, generator=gen)
     return (1 - r1) * a[tri] + r1 * (1 - r2) * b[tri] + r1 * r2 * c[tri]
 
+
 def write_obj(path, v, f, rgb):
     """Wavefront .obj with per-vertex colour ('v x y z r g b'), faces 1-based."""
-    lines = [f"v {x:.5f} {y:.5f} {z:.5f} {r:.4f} {g:.4f} {b:.4f}" for (x, y, z), (r, g, b) in zip(v.tolist(), rgb.tolist())]
+    rows = zip(v.tolist(), rgb.tolist())
+    lines = [f"v {x:.5f} {y:.5f} {z:.5f} {r:.4f} {g:.4f} {b:.4f}" for (x, y, z), (r, g, b) in rows]
     lines += [f"f {i + 1} {j + 1} {k + 1}" for i, j, k in f.tolist()]
     atomic_write(path, lambda t: t.write_text("\n".join(lines) + "\n"))
 
+
 def write_ply(path, v, f, rgb):
     """Binary little-endian .ply: float xyz + uchar rgb per vertex, uchar-counted int faces."""
-    head = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\nproperty float x\nproperty float y\n"
-            f"property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nelement face {len(f)}\n"
-            "property list uchar int vertex_indices\nend_header\n").encode()
+    head = (
+        f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\nproperty float x\n"
+        "property float y\nproperty float z\nproperty uchar red\nproperty uchar green\n"
+        f"property uchar blue\nelement face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n"
+    ).encode()
     vert = np.zeros(len(v), dtype=[("p", "<f4", 3), ("c", "u1", 3)])
     vert["p"], vert["c"] = v.numpy(), (rgb.clamp(0, 1) * 255 + 0.5).byte().numpy()
     face = np.zeros(len(f), dtype=[("n", "u1"), ("i", "<i4", 3)])
-    face["n"], face["i"] = 3, f.numpy()
+    face["n"], face["i"] = 3, f.numpy()  # a vertex count and the vertex indices
     atomic_write(path, lambda t: t.write_bytes(head + vert.tobytes() + face.tobytes()))
+
 
 def chamfer_fscore(pred, gt, tau=0.05):
     """Chamfer-L1 (mean of the two directed mean distances) and F-score at tau, points (N,3), (M,3)."""
-    near = lambda a, b: torch.cat([torch.cdist(x, b, compute_mode="donot_use_mm_for_euclid_dist").min(1).values for x in a.split(2048)])
-    d_pg, d_gp = near(pred, gt), near(gt, pred)
+
+    def nearest_distances(a, b):
+        """For each point of a, the distance to the nearest point of b, 2048 rows at a time."""
+        exact = "donot_use_mm_for_euclid_dist"  # the matrix-product shortcut is imprecise near 0
+        return torch.cat(
+            [torch.cdist(x, b, compute_mode=exact).min(1).values for x in a.split(2048)]
+        )
+
+    d_pg, d_gp = nearest_distances(pred, gt), nearest_distances(gt, pred)
     prec, rec = (d_pg < tau).float().mean().item(), (d_gp < tau).float().mean().item()
     return (d_pg.mean().item() + d_gp.mean().item()) / 2, 2 * prec * rec / max(prec + rec, 1e-8)
 
+
+METRIC_KEYS = ("psnr", "ssim", "color_err", "chamfer_l1", "fscore")  # every metrics.json row's keys
+
+
+def print_table(rows):
+    """Rows of metrics ({name: {key: value}}) as an aligned table; '-' where a key does not apply."""
+    keys = [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
+    print(f"{'row':28s}" + "".join(f"{k:>11s}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:28s}" + "".join(f"{r[k]:11.4f}" if k in r else f"{'-':>11s}" for k in keys))
+
+
 # ----------------------------------------------------------------------------- object folders
+
 
 def write_object(folder, views, c2w, K, prompt, surface=None):
     """One object folder, written under a temporary name and renamed when complete.
@@ -465,6 +750,7 @@ def write_object(folder, views, c2w, K, prompt, surface=None):
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
+
 def load_object(folder, res=None, views=None):
     """Read one object folder (real or synthetic) -> dict(images (V,3,H,W) on white, masks (V,1,H,W)
     or None, c2w (V,4,4), K (V,3,3), prompt). Checks image sizes and the view count."""
@@ -473,78 +759,142 @@ def load_object(folder, res=None, views=None):
     if not files:
         raise DataError(f"{folder}: no views (000.png ...); regenerate this object folder")
     if views is not None and len(files) != views:
-        raise DataError(f"{folder}: has {len(files)} views, expected {views}; regenerate it at this preset")
+        raise DataError(
+            f"{folder}: has {len(files)} views, expected {views}; regenerate it at this preset"
+        )
     loaded = [load_png(p, res) for p in files]
     cams, _ = load_tensors(folder / "cameras.safetensors")
     if cams.get("c2w", torch.zeros(0)).shape != (len(files), 4, 4):
-        raise DataError(f"{folder / 'cameras.safetensors'}: c2w is not ({len(files)},4,4); regenerate this object folder")
-    prompt = (folder / "prompt.txt").read_text().strip() if (folder / "prompt.txt").is_file() else ""
+        raise DataError(
+            f"{folder / 'cameras.safetensors'}: c2w is not ({len(files)},4,4); "
+            "regenerate this object folder"
+        )
+    prompt_file = folder / "prompt.txt"
+    prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
     masks = torch.stack([a for _, a in loaded]) if all(a is not None for _, a in loaded) else None
-    return dict(images=torch.stack([x for x, _ in loaded]), masks=masks, c2w=cams["c2w"], K=cams["intrinsics"], prompt=prompt)
+    images = torch.stack([x for x, _ in loaded])
+    return dict(images=images, masks=masks, c2w=cams["c2w"], K=cams["intrinsics"], prompt=prompt)
+
 
 # ----------------------------------------------------------------------------- stage 0
 
+SPLITS = ("train", "test", "images", "prompts")  # each owns a range of object seeds
+FOLDERS = {"train": "assets/train", "test": "assets/test", "images": "images"}  # under 0_data
+NOT_RECORDED = ("out", "device", "batch")  # fields that change no byte written
+
+
 def object_seed(cfg, split, i):
-    """Disjoint seed ranges per split, so the test objects appear nowhere else."""
-    return cfg.seed * 100_000_000 + {"train": 0, "test": 1, "images": 2, "prompts": 3}[split] * 10_000_000 + i
+    """Disjoint seed ranges per split (10M each, 100M per --seed): test objects appear nowhere else."""
+    return cfg.seed * 100_000_000 + SPLITS.index(split) * 10_000_000 + i
+
+
+def caption_of_seed(cfg, split, i):
+    """The caption of object i of a split."""
+    return make_object(object_seed(cfg, split, i))["caption"]
+
+
+def is_complete(root, i, views):
+    """Whether object `i` is on disk in `root`: its image (views None), or every file of its folder."""
+    if views is None:
+        return (root / f"{i}.png").is_file()
+    need = [f"{k:03d}.png" for k in range(views)]
+    need += ["cameras.safetensors", "prompt.txt", "surface.safetensors"]
+    return all((root / i / n).is_file() for n in need)
+
 
 def render_split(cfg, split, root):
     """Render the orbit assets (train/test) or the single images that are missing -> (count, rendered)."""
-    real, V = split != "images", cfg.views if split != "images" else 1
-    ids = [f"{i:05d}" for i in range({"train": cfg.n_train, "test": cfg.n_test, "images": cfg.n_images}[split])]
-    need = [f"{k:03d}.png" for k in range(V)] + ["cameras.safetensors", "prompt.txt", "surface.safetensors"]
-    todo = [i for i in ids if not (all((root / i / n).is_file() for n in need) if real else (root / f"{i}.png").is_file())]
-    (c2w, K), per = orbit(V), max(1, cfg.batch // V)                            # per: objects per batch
-    for start in tqdm(range(0, len(todo), per), desc=f"stage 0 {split:6s}", unit="batch", disable=not todo):
+    views = None if split == "images" else cfg.views
+    ids = [f"{i:05d}" for i in range(getattr(cfg, "n_" + split))]  # n_train, n_test, n_images
+    todo = [i for i in ids if not is_complete(root, i, views)]
+    c2w, K = orbit(views or 1)
+    V = len(c2w)
+    per = max(1, cfg.batch // V)  # objects per batch
+    batches = range(0, len(todo), per)
+    for start in progress(batches, desc=f"stage 0 {split:6s}", unit="batch", disable=not todo):
         chunk = todo[start : start + per]
         objs = [make_object(object_seed(cfg, split, int(i))) for i in chunk]
-        rgba, _ = render_views(pack(objs), torch.arange(len(chunk)).repeat_interleave(V), c2w.repeat(len(chunk), 1, 1),
-                               K.repeat(len(chunk), 1, 1), cfg.res, cfg.supersample, cfg.trace_steps)
+        owner = torch.arange(len(chunk)).repeat_interleave(V)  # the object of each image
+        c2ws, Ks = c2w.repeat(len(chunk), 1, 1), K.repeat(len(chunk), 1, 1)
+        rgba, _ = render_views(
+            pack(objs), owner, c2ws, Ks, cfg.res, cfg.supersample, cfg.trace_steps
+        )
         for j, (i, o) in enumerate(zip(chunk, objs)):
-            if real:
+            if views is None:
+                save_png(root / f"{i}.png", rgba[j])
+            else:
                 surf = surface_points(o, cfg.surface_points, seed=object_seed(cfg, split, int(i)))
                 write_object(root / i, rgba[j * V : (j + 1) * V], c2w, K, o["caption"], surf)
-            else:
-                save_png(root / f"{i}.png", rgba[j])
-    if not real:
-        write_text(root / "captions.txt", "".join(f"{i}\t{make_object(object_seed(cfg, split, int(i)))['caption']}\n" for i in ids))
+    if views is None:
+        captions = [f"{i}\t{caption_of_seed(cfg, split, int(i))}\n" for i in ids]
+        write_text(root / "captions.txt", "".join(captions))
     return len(ids), len(todo)
+
 
 def contact_sheet(path, folders, scale=3):
     """preview.png: one row per asset (its orbit views, enlarged) with the caption beneath."""
     rows = [load_object(f) for f in folders]
-    V, H = rows[0]["images"].shape[0], rows[0]["images"].shape[-1] * scale
+    V = rows[0]["images"].shape[0]
+    H = rows[0]["images"].shape[-1] * scale
     sheet = Image.new("RGB", (max(V * H, 360), len(rows) * (H + 14)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, ob in enumerate(rows):
         for v, img in enumerate(ob["images"]):
-            im = Image.fromarray((img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).resize((H, H), Image.NEAREST)
-            sheet.paste(im, (v * H, r * (H + 14)))
+            im = Image.fromarray((img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+            sheet.paste(im.resize((H, H), Image.NEAREST), (v * H, r * (H + 14)))
         draw.text((2, r * (H + 14) + H), ob["prompt"], fill="black")
     atomic_write(path, lambda t: sheet.save(t, format="PNG"))
 
-def main():
-    cfg = parse_config(Config, PRESETS)
-    root = Path(cfg.out) / "0_data"
+
+def check_out(cfg, root):
+    """Refuse an --out that is a file, or whose 0_data another config wrote -> the config to record."""
     if Path(cfg.out).is_file() or root.is_file():
         raise DataError(f"{cfg.out}: is a file, not a folder; pick another --out")
-    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "batch")}
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECORDED}
     if (root / "meta.json").is_file() and read_meta(root, "python render.py").get("config") != conf:
         raise DataError(f"{root}: was written with another config; delete it or pick another --out")
-    t0 = time.time()
-    counts = {split: render_split(cfg, split, root / sub) for split, sub in (("train", "assets/train"), ("test", "assets/test"), ("images", "images"))}
-    write_text(root / "prompts.txt", "".join(make_object(object_seed(cfg, "prompts", i))["caption"] + "\n" for i in range(cfg.n_prompts)))
-    seconds = time.time() - t0
-    if any(new for _, new in counts.values()) or not (root / "meta.json").is_file():
-        contact_sheet(root / "preview.png", sorted((root / "assets/train").iterdir())[:8])
-        save_json(root / "meta.json", dict(stage="render", preset=cfg.preset, config=conf, world_version=WORLD_VERSION, seconds=round(seconds, 1),
-                                            versions=dict(torch=torch.__version__, numpy=np.__version__), elevation=ELEVATION, radius=RADIUS, fov=FOV,
-                                            counts=dict(train=cfg.n_train, test=cfg.n_test, images=cfg.n_images, prompts=cfg.n_prompts)))
-    print(f"\nstage 0 done in {seconds:.0f} s  (world v{WORLD_VERSION}, preset {cfg.preset}, {cfg.res}x{cfg.res}, {cfg.views} views)")
+    return conf
+
+
+def write_preview_and_meta(cfg, root, conf, seconds):
+    """preview.png of the first training assets, then meta.json: the mark of a finished stage 0."""
+    contact_sheet(root / "preview.png", sorted((root / "assets/train").iterdir())[:8])
+    meta = dict(stage="render", preset=cfg.preset, config=conf, world_version=WORLD_VERSION)
+    meta["seconds"] = round(seconds, 1)
+    meta["versions"] = dict(torch=torch.__version__, numpy=np.__version__)
+    meta.update(elevation=ELEVATION, radius=RADIUS, fov=FOV)
+    counts = dict(train=cfg.n_train, test=cfg.n_test, images=cfg.n_images, prompts=cfg.n_prompts)
+    meta["counts"] = counts
+    save_json(root / "meta.json", meta)
+
+
+def print_summary(cfg, root, counts, seconds):
+    """What stage 0 did, where it wrote, and the next command."""
+    setup = f"world v{WORLD_VERSION}, preset {cfg.preset}, {cfg.res}x{cfg.res}, {cfg.views} views"
+    print(f"\nstage 0 done in {seconds:.0f} s  ({setup})")
     for split, (n, new) in counts.items():
         print(f"  {split:7s} {n:6d} objects  ({new} rendered now, {n - new} already complete)")
-    print(f"  prompts {cfg.n_prompts:6d} captions -> {root / 'prompts.txt'}\n  assets -> {root / 'assets'}   images -> {root / 'images'}"
-          f"   preview -> {root / 'preview.png'}\nnext: python finetune_video.py")
+    print(f"  prompts {cfg.n_prompts:6d} captions -> {root / 'prompts.txt'}")
+    images, preview = root / "images", root / "preview.png"
+    print(f"  assets -> {root / 'assets'}   images -> {images}   preview -> {preview}")
+    print("next: python finetune_video.py")
+
+
+def main():
+    """Stage 0: check the output folder, render the splits, write the prompts, then (when anything
+    was new) the preview and meta.json, and print the summary."""
+    cfg = parse_config(Config, PRESETS)
+    root = Path(cfg.out) / "0_data"
+    conf = check_out(cfg, root)
+    t0 = time.time()
+    counts = {split: render_split(cfg, split, root / sub) for split, sub in FOLDERS.items()}
+    prompts = (caption_of_seed(cfg, "prompts", i) + "\n" for i in range(cfg.n_prompts))
+    write_text(root / "prompts.txt", "".join(prompts))
+    seconds = time.time() - t0
+    if any(new for _, new in counts.values()) or not (root / "meta.json").is_file():
+        write_preview_and_meta(cfg, root, conf, seconds)
+    print_summary(cfg, root, counts, seconds)
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,4 +1,5 @@
 """Shared fixtures: one micro world per test session, and helpers to run the scripts as a student would."""
+
 import os
 import signal
 import subprocess
@@ -15,21 +16,40 @@ sys.path.insert(0, str(ROOT))
 def run_script(*args, check=True, timeout=600):
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
 def one_line_error(p):
     """A bad input must give a non-zero exit, one line on stderr and no traceback."""
-    lines = [l for l in p.stderr.splitlines() if l.strip() and "%|" not in l]
-    return p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip() and "%|" not in line]
+    return (
+        p.returncode != 0
+        and len(lines) == 1
+        and lines[0].startswith("error:")
+        and "Traceback" not in p.stderr
+    )
 
 
 def kill_when(cmd, ready, timeout=120):
     """Start `python cmd...` and SIGKILL it as soon as ready() is true (or after timeout seconds)."""
-    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, cmd)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + timeout
     while time.time() < deadline and not ready():
         time.sleep(0.02)
@@ -40,7 +60,11 @@ def kill_when(cmd, ready, timeout=120):
 def kill_at_checkpoint(cmd, state, min_step, timeout=120):
     """SIGKILL `python cmd...` once its checkpoint `state` holds step >= min_step; -> that step."""
     import render
-    step = lambda: int(render.load_tensors(state)[1]["step"]) if state.is_file() else -1
+
+    def step():
+        """The step the checkpoint holds, or -1 before the first one is written."""
+        return int(render.load_tensors(state)[1]["step"]) if state.is_file() else -1
+
     kill_when(cmd, lambda: step() >= min_step, timeout)
     return step()
 

@@ -1,4 +1,5 @@
 """Stage 2: generate_views.py, the data engine."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,9 @@ def folders(out):
 
 
 def same_orbit(a, b):
-    """Same prompt, same per-prompt noise -> the same pictures up to float rounding (BLAS kernels differ
-    with batch size and thread count), while another noise would differ by tens of grey levels."""
+    """Same prompt, same per-prompt noise -> the same pictures up to float rounding (BLAS kernels
+    differ with batch size and thread count), while another noise would differ by tens of grey
+    levels."""
     assert sorted(f.name for f in a.iterdir()) == sorted(f.name for f in b.iterdir())
     assert (a / "prompt.txt").read_text() == (b / "prompt.txt").read_text()
     for f in sorted(a.glob("*.png")):
@@ -39,15 +41,19 @@ def test_micro_generation_writes_folders_the_lrm_loader_reads(micro1, tmp_path):
     data = train_lrm.load_set(out / "2_views", 16, "python generate_views.py")
     assert data["images"].shape == (8, 4, 3, 16, 16) and data["masks"].shape == (8, 4, 1, 16, 16)
     ob = render.load_object(out / "2_views" / names[0])
-    assert torch.allclose(ob["c2w"], render.orbit(4)[0]) and ob["prompt"] == (micro1 / "0_data/prompts.txt").read_text().splitlines()[0]
+    assert torch.allclose(ob["c2w"], render.orbit(4)[0])
+    assert ob["prompt"] == (micro1 / "0_data/prompts.txt").read_text().splitlines()[0]
     meta = render.read_meta(out / "2_views", "x")
-    assert meta["counts"] == {"prompts": 8, "kept": 8, "rejected": 0} and "filter" in meta and "orbits_per_minute" in meta
-    assert {"synthetic", "synthetic_far"} <= set(json.loads((out / "2_views/metrics.json").read_text())["rows"])
+    assert meta["counts"] == {"prompts": 8, "kept": 8, "rejected": 0}
+    assert "filter" in meta and "orbits_per_minute" in meta
+    rows = json.loads((out / "2_views/metrics.json").read_text())["rows"]
+    assert {"synthetic", "synthetic_far"} <= set(rows)
     assert (out / "2_views/preview.png").is_file()
 
 
 def test_filter_rejects_bad_orbits_and_reports_why():
     import generate_views
+
     cfg = generate_views.Config()
     good = torch.ones(4, 3, 16, 16)
     good[:, :, 5:11, 5:11] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]
@@ -75,15 +81,18 @@ def test_killed_run_restarted_finishes_every_prompt_once(micro1, tmp_path):
     clean = linked_world(tmp_path / "clean", micro1)
     run_script(*engine(clean, "--num", "16", "--batch", "3", "--n_eval", "1"))
     assert folders(killed) == folders(clean) == [f"{i:05d}" for i in range(16)]
-    for name in folders(clean):                               # per-prompt noise: the same as an uninterrupted run
+    # per-prompt noise: the same as an uninterrupted run
+    for name in folders(clean):
         same_orbit(clean / "2_views" / name, killed / "2_views" / name)
 
 
 def test_two_ranks_split_the_prompts(micro1, tmp_path):
     out = linked_world(tmp_path / "ddp", micro1)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
-                        "generate_views.py", "--", *map(str, engine(out, "--num", "6", "--n_eval", "1", "--device", "cpu")[1:])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    flags = engine(out, "--num", "6", "--n_eval", "1", "--device", "cpu")[1:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd = [*torchrun, "--master_port", "29611", "generate_views.py", "--", *map(str, flags)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert folders(out) == [f"{i:05d}" for i in range(6)]
     solo = linked_world(tmp_path / "solo", micro1)
@@ -94,7 +103,8 @@ def test_two_ranks_split_the_prompts(micro1, tmp_path):
 
 @pytest.mark.parametrize("case", ["empty_prompts", "binary_prompts", "corrupt_image", "no_stage1"])
 def test_bad_inputs_get_one_line_errors_and_write_nothing(case, micro1, micro, tmp_path):
-    out = linked_world(tmp_path / "run", micro1, ("0_data",) if case == "no_stage1" else ("0_data", "1_video"))
+    stages = ("0_data",) if case == "no_stage1" else ("0_data", "1_video")
+    out = linked_world(tmp_path / "run", micro1, stages)
     extra = []
     if case == "empty_prompts":
         (tmp_path / "p.txt").write_text("\n\n")
@@ -117,7 +127,9 @@ def test_images_as_prompts(micro1, tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     from PIL import Image
-    Image.open(micro1 / "0_data/images/00001.png").resize((40, 40)).save(imgs / "big.png")          # RGBA, other size
+
+    # RGBA, other size
+    Image.open(micro1 / "0_data/images/00001.png").resize((40, 40)).save(imgs / "big.png")
     (imgs / "captions.txt").write_text("big\ta small red cone\n")
     p = run_script(*engine(out, "--images", imgs, "--n_eval", "1"))
     assert "resized" in p.stdout and folders(out) == ["big"]

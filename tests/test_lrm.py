@@ -1,4 +1,6 @@
 """Stages 3-4: the LRM in model.py, train_lrm.py and finetune_3d.py."""
+
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,18 +20,32 @@ MICRO = train_lrm.Config(**train_lrm.PRESETS["micro"])
 
 def micro_lrm(**kw):
     torch.manual_seed(0)
-    return model.LRM(res=16, **{k: getattr(MICRO, k) for k in train_lrm.ARCH} | kw)
+    return model.LRM(dataclasses.replace(train_lrm.lrm_config(MICRO, 16), **kw))
 
 
 def test_lrm_shapes_at_micro():
     lrm = micro_lrm()
-    img, c2w, K = torch.rand(2, 3, 16, 16), *render.orbit(4)
+    img = torch.rand(2, 3, 16, 16)
+    c2w, K = render.orbit(4)
     cam = model.camera_vector(c2w[:2], K[:2])
     planes = lrm(img, cam)
     assert planes.shape == (2, 3, MICRO.plane_ch, 16, 16)
     sigma, rgb = lrm.field(planes, torch.rand(2, 50, 3) * 2 - 1)
-    assert sigma.shape == (2, 50) and rgb.shape == (2, 50, 3) and (sigma >= 0).all() and rgb.min() >= 0 and rgb.max() <= 1
-    out, acc = lrm(img, cam, c2w[None].expand(2, 4, 4, 4), K[None].expand(2, 4, 3, 3), 16, (torch.tensor([0] * 8), torch.tensor([4] * 8), 8))
+    assert (
+        sigma.shape == (2, 50)
+        and rgb.shape == (2, 50, 3)
+        and (sigma >= 0).all()
+        and rgb.min() >= 0
+        and rgb.max() <= 1
+    )
+    out, acc = lrm(
+        img,
+        cam,
+        c2w[None].expand(2, 4, 4, 4),
+        K[None].expand(2, 4, 3, 3),
+        16,
+        (torch.tensor([0] * 8), torch.tensor([4] * 8), 8),
+    )
     assert out.shape == (2, 4, 3, 8, 8) and acc.shape == (2, 4, 1, 8, 8)
     assert model.camera_vector(c2w, K).shape == (4, 16)
 
@@ -38,31 +54,37 @@ def test_triplane_layout_and_lifted_tokens_agree():
     P = 8
     g = (torch.arange(P) + 0.5) / P * 2 - 1
     rows, cols = torch.meshgrid(g, g, indexing="ij")
-    planes = torch.stack([cols, rows])[None, None].expand(1, 3, 2, P, P)       # channel 0 = 1st axis, 1 = 2nd
+    planes = torch.stack([cols, rows])[None, None].expand(
+        1, 3, 2, P, P
+    )  # channel 0 = 1st axis, 1 = 2nd
     pts = (torch.rand(1, 200, 3) * 2 - 1) * (1 - 1 / P)
-    f = model.sample_planes(planes, pts)[0]                                     # (6,N)
+    f = model.sample_planes(planes, pts)[0]  # (6,N)
     x, y, z = pts[0].T
     assert torch.allclose(f, torch.stack([x, y, x, z, y, z]), atol=1e-5)
-    lrm = model.LRM(res=32, tokens=P)                                           # each token's point sits in its own cell
-    tok = model.plane_points(P, (0.0,))[:, 0]                                   # (3,P,P,3)
+    lrm = model.LRM(model.LRMConfig(res=32, tokens=P))  # each token's point sits in its own cell
+    tok = model.plane_points(P, (0.0,))[:, 0]  # (3,P,P,3)
     for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
         assert torch.allclose(tok[k, ..., a], cols) and torch.allclose(tok[k, ..., b], rows)
-    uv, depth = render.project(tok.reshape(-1, 3), model.CANONICAL, render.intrinsics(render.FOV), 1)
+    uv, depth = render.project(
+        tok.reshape(-1, 3), model.CANONICAL, render.intrinsics(render.FOV), 1
+    )
     assert (depth > 0).all() and torch.allclose(lrm.token_uv.view(-1, 2), (uv * 2 - 1).clamp(-1, 1))
 
 
 def test_plane_skip_reads_the_pixel_a_plane_point_projects_to():
-    res, p = 16, torch.tensor([[0.0, 0.3, 0.4]])                                # a point on the yz plane (y=0.3, z=0.4)
+    res, p = 16, torch.tensor([[0.0, 0.3, 0.4]])  # a point on the yz plane (y=0.3, z=0.4)
     uv, _ = render.project(p, model.CANONICAL, render.intrinsics(render.FOV), res)
     col, row = uv[0]
     img = torch.ones(1, 3, res, res)
-    img[0, 1:, int(row), int(col)] = 0.0                                        # one red pixel where it lands
+    img[0, 1:, int(row), int(col)] = 0.0  # one red pixel where it lands
     lrm = micro_lrm(plane_skip=2)
     green = F.grid_sample(img, lrm.plane_uv, align_corners=False)[0, 1, :, 0].view(3, 5, res, res)
-    r, c = divmod(int(green[2, 2].argmin()), res)                               # yz plane, offset 0 along x
-    assert abs(r - (0.4 + 1) / 2 * res + 0.5) <= 1 and abs(c - (0.3 + 1) / 2 * res + 0.5) <= 1   # plane rows follow z, columns y
+    r, c = divmod(int(green[2, 2].argmin()), res)  # yz plane, offset 0 along x
+    assert (
+        abs(r - (0.4 + 1) / 2 * res + 0.5) <= 1 and abs(c - (0.3 + 1) / 2 * res + 0.5) <= 1
+    )  # plane rows follow z, columns y
     assert green[2, 2].min() < 0.5 and green[2, 2].flatten().sort().values[-10:].min() == 1.0
-    planes = lrm(img, torch.zeros(1, 16))                                       # the skip is added to the planes
+    planes = lrm(img, torch.zeros(1, 16))  # the skip is added to the planes
     assert planes.shape == (1, 3, MICRO.plane_ch, res, res)
     lrm.skip.weight.data.zero_()
     assert not torch.allclose(lrm(img, torch.zeros(1, 16)), planes)
@@ -71,15 +93,18 @@ def test_plane_skip_reads_the_pixel_a_plane_point_projects_to():
 def test_each_token_writes_only_its_own_plane_cell():
     lrm = micro_lrm()
     P, up = MICRO.tokens, 16 // MICRO.tokens
-    lrm.lift, lrm.blocks, lrm.out_norm = None, torch.nn.ModuleList(), torch.nn.Identity()   # tokens go straight to the planes
+    # tokens go straight to the planes
+    lrm.lift = None
+    lrm.blocks = torch.nn.ModuleList()
+    lrm.out_norm = torch.nn.Identity()
     img, cam = torch.rand(1, 3, 16, 16), torch.zeros(1, 16)
     with torch.no_grad():
         lrm.tokens.zero_()
         base = lrm.encode(img, cam)
-        for k in range(3):                                                       # plane k, token row 1, column 2
+        for k in range(3):  # plane k, token row 1, column 2
             lrm.tokens.zero_()
             lrm.tokens[0, k * P * P + 1 * P + 2] = 1.0
-            diff = (lrm.encode(img, cam) - base)[0].abs().sum(1)                  # (3,16,16)
+            diff = (lrm.encode(img, cam) - base)[0].abs().sum(1)  # (3,16,16)
             inside = diff[k, up : 2 * up, 2 * up : 3 * up].sum()
             assert inside > 0 and torch.isclose(diff.sum(), inside)
 
@@ -88,10 +113,14 @@ def test_canonicalisation_moves_the_source_and_keeps_relative_poses():
     c2w, _ = render.orbit(8, start_deg=37.0)
     can, M = model.canonicalise(c2w[2:3], c2w[None])
     assert torch.allclose(can[0, 2], model.CANONICAL, atol=1e-5)
-    rel = lambda a, b: torch.linalg.inv(a) @ b
+
+    def rel(a, b):
+        """The pose of b relative to a."""
+        return torch.linalg.inv(a) @ b
+
     for j in range(8):
         assert torch.allclose(rel(can[0, 2], can[0, j]), rel(c2w[2], c2w[j]), atol=1e-5)
-    p = torch.tensor([0.3, -0.2, 0.5, 1.0])                                      # M is a rigid motion
+    p = torch.tensor([0.3, -0.2, 0.5, 1.0])  # M is a rigid motion
     assert torch.allclose((M[0] @ p)[:3].norm(), p[:3].norm(), atol=1e-5)
 
 
@@ -109,9 +138,11 @@ def test_micro_lrm_overfits_one_object(micro):
     losses = []
     for step in range(150):
         torch.manual_seed(step)
-        rgb, acc = lrm(ob["images"][:1], cam, c2w, ob["K"][None], 16, n_coarse=16, n_fine=16)
+        rgb, acc = lrm(ob["images"][:1], cam, c2w, ob["K"][None], 16, samples=(16, 16))
         loss = F.mse_loss(rgb[0], ob["images"]) + F.mse_loss(acc[0], ob["masks"])
-        opt.zero_grad(), loss.backward(), opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         losses.append(loss.item())
     assert min(losses[-10:]) < losses[0] / 10, (losses[0], losses[-10:])
 
@@ -150,7 +181,10 @@ def test_resume_after_sigkill_gives_the_same_weights(lrm_world, tmp_path):
         root.mkdir()
         for sub in ("0_data", "2_views"):
             (root / sub).symlink_to(lrm_world / sub)
-        return root, train_args(root, "--steps", "40", "--ckpt_every", "3", "--sample_every", "1000", "--n_eval", "1")
+        return root, train_args(
+            root, "--steps", "40", "--ckpt_every", "3", "--sample_every", "1000", "--n_eval", "1"
+        )
+
     killed, cmd = args("killed")
     assert 9 <= kill_at_checkpoint(cmd, killed / "3_lrm/lrm_state.safetensors", 9) < 40
     run_script(*cmd)
@@ -167,24 +201,78 @@ def test_two_ddp_processes_match_one_process(lrm_world, tmp_path):
         root.mkdir()
         for sub in ("0_data", "2_views"):
             (root / sub).symlink_to(lrm_world / sub)
-        args = train_args(root, "--steps", "1", "--stratified", "false", "--cam_noise", "0", "--n_eval", "1", "--device", "cpu")
+        args = train_args(
+            root,
+            "--steps",
+            "1",
+            "--stratified",
+            "false",
+            "--cam_noise",
+            "0",
+            "--n_eval",
+            "1",
+            "--device",
+            "cpu",
+        )
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(29500 + procs)] if procs > 1 else [sys.executable]
-        p = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(procs),
+                "--master_port",
+                str(29500 + procs),
+            ]
+            if procs > 1
+            else [sys.executable]
+        )
+        p = subprocess.run(
+            cmd + [str(a) for a in args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         return json.loads(render.load_tensors(root / "3_lrm/lrm_state.safetensors")[1]["losses"])[0]
+
     one, two = first_loss("one", 1), first_loss("two", 2)
     assert abs(one - two) < 1e-5 * max(1.0, abs(one)), (one, two)
 
 
 def test_bad_inputs_get_one_line_errors(lrm_world, micro, tmp_path):
     (tmp_path / "empty").mkdir()
-    p = run_script(*train_args(lrm_world, "--data", tmp_path / "empty", "--stage_dir", "x"), check=False)
+    p = run_script(
+        *train_args(lrm_world, "--data", tmp_path / "empty", "--stage_dir", "x"), check=False
+    )
     assert one_line_error(p) and "no object folders" in p.stderr
-    p = run_script(*train_args(lrm_world, "--init", micro / "0_data/assets/train/00000/cameras.safetensors", "--stage_dir", "y"), check=False)
+    p = run_script(
+        *train_args(
+            lrm_world,
+            "--init",
+            micro / "0_data/assets/train/00000/cameras.safetensors",
+            "--stage_dir",
+            "y",
+        ),
+        check=False,
+    )
     assert one_line_error(p) and "expected 'lrm'" in p.stderr
     run_script(*train_args(lrm_world, "--stage_dir", "z", "--steps", "1", "--n_eval", "1"))
-    p = run_script(*train_args(lrm_world, "--init", lrm_world / "z/lrm.safetensors", "--enc_dim", "16", "--stage_dir", "w"), check=False)
+    p = run_script(
+        *train_args(
+            lrm_world,
+            "--init",
+            lrm_world / "z/lrm.safetensors",
+            "--enc_dim",
+            "16",
+            "--stage_dir",
+            "w",
+        ),
+        check=False,
+    )
     assert one_line_error(p) and "another config (enc_dim 32 there, 16 here)" in p.stderr
     p = run_script("finetune_3d.py", "--preset", "micro", "--out", tmp_path, check=False)
     assert one_line_error(p) and "render.py" in p.stderr

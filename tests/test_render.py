@@ -1,5 +1,6 @@
 """Stage 0 and the geometry in render.py: cameras, the world, the exact renderer, volume rendering,
 meshes, metrics, and the folder contract."""
+
 import json
 import math
 
@@ -12,8 +13,14 @@ from conftest import one_line_error, run_script
 
 
 def sphere_object(r, centre=(0.0, 0.0, 0.0), colour=5):
-    return dict(kind=np.array([0]), colour=np.array([colour]), params=np.array([[r, 0, 0]], np.float32),
-                centre=np.array([centre], np.float32), yaw=np.zeros(1, np.float32), caption="a large blue sphere")
+    return dict(
+        kind=np.array([0]),
+        colour=np.array([colour]),
+        params=np.array([[r, 0, 0]], np.float32),
+        centre=np.array([centre], np.float32),
+        yaw=np.zeros(1, np.float32),
+        caption="a large blue sphere",
+    )
 
 
 def test_orbit_cameras_look_at_origin_with_z_up():
@@ -21,33 +28,47 @@ def test_orbit_cameras_look_at_origin_with_z_up():
     R = c2w[:, :3, :3]
     assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand(8, 3, 3), atol=1e-5)
     assert torch.allclose(torch.linalg.det(R), torch.ones(8), atol=1e-5)
-    o, d = render.camera_rays(c2w, K, 2)                  # 2x2 image: the centre is the shared corner
+    o, d = render.camera_rays(c2w, K, 2)  # 2x2 image: the centre is the shared corner
     centre_dir = d.mean((1, 2))
     to_origin = torch.nn.functional.normalize(-c2w[:, :3, 3], dim=-1)
     assert torch.allclose(torch.nn.functional.normalize(centre_dir, dim=-1), to_origin, atol=1e-4)
     assert (R[:, 2, 1] > 0).all(), "camera +y (image up) must point towards world +z"
-    assert torch.allclose(c2w[:, 2, 3], torch.full((8,), render.RADIUS * math.sin(math.radians(render.ELEVATION))), atol=1e-5)
+    assert torch.allclose(
+        c2w[:, 2, 3],
+        torch.full((8,), render.RADIUS * math.sin(math.radians(render.ELEVATION))),
+        atol=1e-5,
+    )
 
 
 def test_projection_lands_on_the_pixel_the_renderer_draws():
     obj = render.make_object(3)
     c2w, K = render.orbit(4)
     res = 24
-    rgba, pts = render.render_views(render.pack([obj]), torch.zeros(4, dtype=torch.long), c2w, K, res, supersample=1)
+    rgba, pts = render.render_views(
+        render.pack([obj]), torch.zeros(4, dtype=torch.long), c2w, K, res, supersample=1
+    )
     for v in range(4):
         rows, cols = torch.nonzero(rgba[v, 3] > 0.5, as_tuple=True)
         assert len(rows) > 20
         uv, depth = render.project(pts[v, rows, cols], c2w[v], K[v], res)
         assert (depth > 0).all()
-        assert torch.equal(uv[:, 0].floor().long(), cols) and torch.equal(uv[:, 1].floor().long(), rows)
+        assert torch.equal(uv[:, 0].floor().long(), cols)
+        assert torch.equal(uv[:, 1].floor().long(), rows)
 
 
 def test_sphere_silhouette_matches_the_analytic_circle():
     r, res = 0.6, 64
     c2w, K = render.orbit(1)
-    rgba, _ = render.render_views(render.pack([sphere_object(r)]), torch.zeros(1, dtype=torch.long), c2w, K, res, supersample=4)
+    rgba, _ = render.render_views(
+        render.pack([sphere_object(r)]),
+        torch.zeros(1, dtype=torch.long),
+        c2w,
+        K,
+        res,
+        supersample=4,
+    )
     D = render.RADIUS
-    radius_px = K[0, 0, 0] * math.tan(math.asin(r / D)) * res       # circle radius on the image plane
+    radius_px = K[0, 0, 0] * math.tan(math.asin(r / D)) * res  # circle radius on the image plane
     yy, xx = torch.meshgrid(torch.arange(res) + 0.5, torch.arange(res) + 0.5, indexing="ij")
     dist = ((xx - res / 2) ** 2 + (yy - res / 2) ** 2).sqrt()
     alpha = rgba[0, 3]
@@ -58,9 +79,11 @@ def test_sphere_silhouette_matches_the_analytic_circle():
 @pytest.mark.parametrize("sigma", [0.5, 2.0, 8.0])
 def test_volume_rendering_of_a_constant_slab(sigma):
     colour = torch.tensor([0.2, 0.4, 0.8])
-    def field(p):                                        # slab |z| < 0.5 of density sigma
+
+    def field(p):  # slab |z| < 0.5 of density sigma
         inside = (p[..., 2].abs() < 0.5).float()
         return sigma * inside, colour.expand(*p.shape[:-1], 3)
+
     o = torch.tensor([[0.1, -0.2, 3.0]]).repeat(64, 1)
     d = torch.tensor([[0.0, 0.0, -1.0]]).repeat(64, 1)
     rgb, acc, depth = render.volume_render(field, o, d, n_coarse=256, n_fine=128)
@@ -75,7 +98,10 @@ def test_volume_rendering_of_a_constant_slab(sigma):
 
 def test_volume_rendering_gradients_flow():
     w = torch.tensor(2.0, requires_grad=True)
-    field = lambda p: (w * torch.ones(p.shape[:-1]), torch.full((*p.shape[:-1], 3), 0.5))
+
+    def field(p):
+        return w * torch.ones(p.shape[:-1]), torch.full((*p.shape[:-1], 3), 0.5)
+
     o, d = torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, -1.0]])
     _, acc, _ = render.volume_render(field, o, d, 32, 32)
     acc.sum().backward()
@@ -123,9 +149,17 @@ def test_obj_and_ply_round_trip(tmp_path):
     render.write_obj(tmp_path / "m.obj", v, f, rgb)
     render.write_ply(tmp_path / "m.ply", v, f, rgb)
     ov, of, oc = read_obj(tmp_path / "m.obj")
-    assert np.allclose(ov, v.numpy(), atol=1e-5) and (of == f.numpy()).all() and np.allclose(oc, rgb.numpy(), atol=1e-4)
+    assert (
+        np.allclose(ov, v.numpy(), atol=1e-5)
+        and (of == f.numpy()).all()
+        and np.allclose(oc, rgb.numpy(), atol=1e-4)
+    )
     pv, pf, pc = read_ply(tmp_path / "m.ply")
-    assert np.allclose(pv, v.numpy()) and (pf == f.numpy()).all() and np.abs(pc / 255 - rgb.numpy()).max() < 1 / 255 + 1e-6
+    assert (
+        np.allclose(pv, v.numpy())
+        and (pf == f.numpy()).all()
+        and np.abs(pc / 255 - rgb.numpy()).max() < 1 / 255 + 1e-6
+    )
 
 
 def test_chamfer_and_fscore():
@@ -139,45 +173,88 @@ def test_captions_name_the_actual_colours_and_shapes():
     for seed in range(300):
         o = render.make_object(seed)
         words = o["caption"].split()
-        assert {w for w in words if w in render.COLOURS} == {list(render.COLOURS)[c] for c in o["colour"]}
-        assert {w for w in words if w in render.SHAPES} == {render.SHAPES[k] for k in o["kind"]}
-        assert sum(w in render.SHAPES for w in words) == len(o["kind"]) and 1 <= len(o["kind"]) <= 4
-        assert {render.SHAPES[k] for k in range(6)} >= {render.SHAPES[k] for k in o["kind"]}
-    assert len({render.SHAPES[k] for s in range(300) for k in render.make_object(s)["kind"]}) == 6
+        assert {w for w in words if w in render.COLOURS} == {
+            list(render.COLOURS)[c] for c in o["colour"]
+        }
+        assert {w for w in words if w in render.SHAPE_NAMES} == {
+            render.SHAPE_NAMES[k] for k in o["kind"]
+        }
+        assert (
+            sum(w in render.SHAPE_NAMES for w in words) == len(o["kind"])
+            and 1 <= len(o["kind"]) <= 4
+        )
+        assert {render.SHAPE_NAMES[k] for k in range(6)} >= {
+            render.SHAPE_NAMES[k] for k in o["kind"]
+        }
+    assert (
+        len({render.SHAPE_NAMES[k] for s in range(300) for k in render.make_object(s)["kind"]}) == 6
+    )
 
 
 def test_objects_fit_the_box_and_fill_the_frame():
     c2w, K = render.orbit(4)
     objs = [render.make_object(s) for s in range(40)]
-    rgba, pts = render.render_views(render.pack(objs), torch.arange(40).repeat_interleave(4), c2w.repeat(40, 1, 1), K.repeat(40, 1, 1), 32)
+    rgba, pts = render.render_views(
+        render.pack(objs),
+        torch.arange(40).repeat_interleave(4),
+        c2w.repeat(40, 1, 1),
+        K.repeat(40, 1, 1),
+        32,
+    )
     hits = pts[~pts.isnan().any(-1)]
     assert hits.abs().max() <= 1.0
     cover = rgba[:, 3].mean((1, 2))
-    assert cover.min() > 0.02 and cover.mean() > 0.15, f"objects too small in the frame: mean coverage {cover.mean():.2f}"
-    assert (rgba[:, 3, 0, :] == 0).all() and (rgba[:, 3, -1, :] == 0).all(), "objects must not be cut by the frame"
+    assert cover.min() > 0.02 and cover.mean() > 0.15, (
+        f"objects too small in the frame: mean coverage {cover.mean():.2f}"
+    )
+    assert (rgba[:, 3, 0, :] == 0).all() and (rgba[:, 3, -1, :] == 0).all(), (
+        "objects must not be cut by the frame"
+    )
 
 
 def test_micro_dataset_follows_the_folder_contract(micro):
     root = micro / "0_data"
     meta = json.loads((root / "meta.json").read_text())
     cfg = render.Config(**render.PRESETS["micro"])
-    assert meta["stage"] == "render" and meta["preset"] == "micro" and meta["world_version"] == render.WORLD_VERSION
-    train, test = sorted((root / "assets/train").iterdir()), sorted((root / "assets/test").iterdir())
+    assert (
+        meta["stage"] == "render"
+        and meta["preset"] == "micro"
+        and meta["world_version"] == render.WORLD_VERSION
+    )
+    train, test = (
+        sorted((root / "assets/train").iterdir()),
+        sorted((root / "assets/test").iterdir()),
+    )
     assert len(train) == cfg.n_train and len(test) == cfg.n_test
     for folder in train[:3] + test[:1]:
         ob = render.load_object(folder, cfg.res, cfg.views)
-        assert ob["images"].shape == (cfg.views, 3, cfg.res, cfg.res) and ob["masks"].shape == (cfg.views, 1, cfg.res, cfg.res)
-        assert ob["c2w"].shape == (cfg.views, 4, 4) and ob["K"].shape == (cfg.views, 3, 3) and ob["prompt"]
-        assert torch.allclose(ob["c2w"], render.orbit(cfg.views)[0]) and abs(ob["K"][0, 0, 2].item() - 0.5) < 1e-6
+        assert ob["images"].shape == (cfg.views, 3, cfg.res, cfg.res)
+        assert ob["masks"].shape == (cfg.views, 1, cfg.res, cfg.res)
+        assert (
+            ob["c2w"].shape == (cfg.views, 4, 4)
+            and ob["K"].shape == (cfg.views, 3, 3)
+            and ob["prompt"]
+        )
+        assert (
+            torch.allclose(ob["c2w"], render.orbit(cfg.views)[0])
+            and abs(ob["K"][0, 0, 2].item() - 0.5) < 1e-6
+        )
         surf, _ = render.load_tensors(folder / "surface.safetensors")
-        assert surf["points"].shape == (cfg.surface_points, 3) and surf["colors"].shape == (cfg.surface_points, 3)
+        assert surf["points"].shape == (cfg.surface_points, 3)
+        assert surf["colors"].shape == (cfg.surface_points, 3)
         assert (ob["images"][:, :, 0, 0] == 1).all(), "background is white"
     caps = (root / "images/captions.txt").read_text().splitlines()
     assert len(caps) == cfg.n_images and len(list((root / "images").glob("*.png"))) == cfg.n_images
     assert len((root / "prompts.txt").read_text().splitlines()) == cfg.n_prompts
     test_caps = {(f / "prompt.txt").read_text() for f in test}
-    seeds = {render.object_seed(cfg, s, i) for s, n in (("train", cfg.n_train), ("images", cfg.n_images), ("prompts", cfg.n_prompts)) for i in range(n)}
-    assert not seeds & {render.object_seed(cfg, "test", i) for i in range(cfg.n_test)}, "test objects appear nowhere else"
+    seeds = {
+        render.object_seed(cfg, s, i)
+        for s, n in (("train", cfg.n_train), ("images", cfg.n_images), ("prompts", cfg.n_prompts))
+        for i in range(n)
+    }
+    assert not seeds & {render.object_seed(cfg, "test", i) for i in range(cfg.n_test)}, (
+        "test objects appear nowhere else"
+    )
     assert test_caps and (root / "preview.png").is_file()
 
 
@@ -185,7 +262,9 @@ def test_same_seed_same_bytes_and_rerun_completes(tmp_path, micro):
     run_script("render.py", "--preset", "micro", "--out", tmp_path)
     a, b = micro / "0_data", tmp_path / "0_data"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "meta.json")
-    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "meta.json")
+    assert files and files == sorted(
+        p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "meta.json"
+    )
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     # damage the second copy: a missing asset view, a missing image; the rest must stay untouched
     (b / "assets/train/00001/002.png").unlink()
@@ -194,7 +273,11 @@ def test_same_seed_same_bytes_and_rerun_completes(tmp_path, micro):
     p = run_script("render.py", "--preset", "micro", "--out", tmp_path)
     assert "1 rendered now" in p.stdout
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    changed = [str(f) for f, t in keep.items() if (b / f).stat().st_mtime_ns != t and not str(f).startswith("assets/train/00001")]
+    changed = [
+        str(f)
+        for f, t in keep.items()
+        if (b / f).stat().st_mtime_ns != t and not str(f).startswith("assets/train/00001")
+    ]
     assert changed in ([], ["preview.png"]), changed
 
 
@@ -216,7 +299,12 @@ def test_bad_inputs_get_one_line_errors(tmp_path, micro):
     with pytest.raises(render.DataError, match="cameras.safetensors: not a readable safetensors"):
         render.load_object(bad)
     (tmp_path / "file").write_text("x")
-    assert one_line_error(run_script("render.py", "--preset", "micro", "--out", tmp_path / "file", check=False))
-    p = run_script("render.py", "--preset", "tiny", "--out", micro, check=False)     # other config in place
+    assert one_line_error(
+        run_script("render.py", "--preset", "micro", "--out", tmp_path / "file", check=False)
+    )
+    # another config is already in place
+    p = run_script("render.py", "--preset", "tiny", "--out", micro, check=False)
     assert one_line_error(p) and "another config" in p.stderr
-    assert one_line_error(run_script("render.py", "--preset", "huge", "--out", tmp_path, check=False))
+    assert one_line_error(
+        run_script("render.py", "--preset", "huge", "--out", tmp_path, check=False)
+    )

@@ -1,4 +1,5 @@
 """Stage 1: the text encoder, the UNet with temporal layers, the diffusion sampler, and finetune_video.py."""
+
 import json
 
 import pytest
@@ -13,14 +14,20 @@ VOCAB = "a small large red orange yellow green cyan blue purple pink sphere box 
 
 def tiny_unet(frames=0):
     torch.manual_seed(0)
-    return model.UNet(VOCAB, (16, 32), (8,), 16, 32, frames, mv_attn_res=(8,)).eval()
+    config = model.UNetConfig(VOCAB, (16, 32), (8,), 16, 32, frames, mv_attn_res=(8,))
+    return model.UNet(config).eval()
+
+
+def noise(n, frames, seed):
+    """The sampler's starting noise for tiny_unet's 16x16 images, from its own generator."""
+    return torch.randn(n, frames, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
 def test_text_encoder_tokens_and_unknown_words():
     enc = model.TextEncoder(VOCAB, 32)
     ids, unknown = enc.tokenize(["a small red cone", "a shiny red cone", ""])
-    assert ids.shape == (3, 32) and ids[0, 0] == 2 and ids[2, 1] == 0
-    assert unknown == {"shiny"} and ids[1, 2] == 1
+    assert ids.shape == (3, 32) and ids[0, 0] == model.START and ids[2, 1] == model.PAD
+    assert unknown == {"shiny"} and ids[1, 2] == model.UNKNOWN
     tokens, pooled, pad = enc(ids)
     assert tokens.shape == (3, 32, 32) and pooled.shape == (3, 32) and pad[0, 5] and not pad[0, 4]
 
@@ -31,7 +38,7 @@ def test_unet_shapes(frames):
     ids, _ = unet.text.tokenize(["a small red cone"] * 2)
     out = unet(torch.randn(2 * frames, 3, 16, 16), torch.rand(2 * frames), ids, frames)
     assert out.shape == (2 * frames, 3, 16, 16)
-    x = model.sample(unet, ids, frames, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    x = model.sample(unet, ids, noise(2, frames, 0), steps=2, guidance=2.0)
     assert x.shape == (2, frames, 3, 16, 16) and x.abs().max() <= 1
 
 
@@ -45,7 +52,8 @@ def test_zero_initialised_temporal_layers_leave_the_image_model_unchanged():
         per_frame = image(x, t, ids.repeat_interleave(4, 0), 1)
         as_video = video(x, t, ids, 4)
     assert torch.equal(per_frame, as_video)
-    with torch.no_grad():                                     # and a trained temporal layer does change it
+    # and a trained temporal layer does change it
+    with torch.no_grad():
         video.temporal[0].conv_out.weight.normal_()
         assert not torch.allclose(video(x, t, ids, 4), per_frame)
 
@@ -54,12 +62,16 @@ def test_sampler_is_deterministic_for_a_seed():
     unet = tiny_unet(4)
     ids, _ = unet.text.tokenize(["a small red cone"])
     first = torch.rand(1, 3, 16, 16) * 2 - 1
-    a = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(7))
-    b = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(7))
-    c = model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(8))
+    a = model.sample(unet, ids, noise(1, 4, 7), first, steps=3, guidance=2.0)
+    b = model.sample(unet, ids, noise(1, 4, 7), first, steps=3, guidance=2.0)
+    c = model.sample(unet, ids, noise(1, 4, 8), first, steps=3, guidance=2.0)
     assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(a[:, 0], first)
-    cold = [model.sample(unet, ids, 4, 3, 2.0, first=first, generator=torch.Generator().manual_seed(s), temperature=0.0) for s in (7, 8)]
-    assert torch.equal(*cold) and not torch.equal(cold[0], a)   # temperature 0: the seed no longer matters
+    # temperature 0: the seed no longer matters
+    cold = [
+        model.sample(unet, ids, noise(1, 4, s), first, steps=3, guidance=2.0, temperature=0.0)
+        for s in (7, 8)
+    ]
+    assert torch.equal(*cold) and not torch.equal(cold[0], a)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +82,8 @@ def stage1(micro1):
 def test_micro_stage1_runs_all_three_phases(stage1):
     micro, p = stage1
     out = micro / "1_video"
-    for f in ("image_model.safetensors", "video_model.safetensors", "eval_grid.png", "eval.gif", "metrics.json", "meta.json"):
+    files = "image_model.safetensors video_model.safetensors eval_grid.png eval.gif metrics.json"
+    for f in files.split() + ["meta.json"]:
         assert (out / f).is_file(), f
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     for r in ("video_model", "image_model_per_frame", "copy_input", "white"):
@@ -84,35 +97,44 @@ def test_fine_tune_changes_only_temporal_tensors(stage1):
     image, _ = render.load_tensors(micro / "1_video/image_model.safetensors")
     video, meta = render.load_tensors(micro / "1_video/video_model.safetensors")
     assert meta["kind"] == "video_model"
-    for k, v in image.items():                                # spatial and text tensors: byte-identical
+    # spatial and text tensors: byte-identical
+    for k, v in image.items():
         assert v.dtype == video[k].dtype and torch.equal(v, video[k]), k
     temporal = [k for k in video if k.startswith("temporal.")]
-    fresh = model.UNet(**json.loads(meta["config"])).state_dict()
-    assert temporal and any(not torch.equal(video[k], fresh[k]) for k in temporal if k.endswith("conv_out.weight"))
+    fresh = model.UNet(model.UNetConfig(**json.loads(meta["config"]))).state_dict()
+    trained = [k for k in temporal if k.endswith("conv_out.weight")]
+    assert temporal and any(not torch.equal(video[k], fresh[k]) for k in trained)
 
 
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path, stage1):
     micro, _ = stage1
+
     def args(name):
         root = tmp_path / name
         root.mkdir()
         (root / "0_data").symlink_to(micro / "0_data")
-        return root, ["finetune_video.py", "--preset", "micro", "--out", root, "--phase", "image", "--image_steps", "60", "--ckpt_every", "5"]
+        flags = "--phase image --image_steps 60 --ckpt_every 5".split()
+        return root, ["finetune_video.py", "--preset", "micro", "--out", root, *flags]
+
     killed, cmd = args("killed")
     assert 15 <= kill_at_checkpoint(cmd, killed / "1_video/image_model_state.safetensors", 15) < 60
-    run_script(*cmd)                                         # resumes from the last checkpoint
+    # resumes from the last checkpoint
+    run_script(*cmd)
     resumed, _ = render.load_tensors(killed / "1_video/image_model.safetensors")
     straight_root, cmd = args("straight")
     run_script(*cmd)
     straight, _ = render.load_tensors(straight_root / "1_video/image_model.safetensors")
-    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
 
 
 def test_resume_refuses_other_training_settings_but_not_sampling_ones(tmp_path, micro):
     (tmp_path / "0_data").symlink_to(micro / "0_data")
-    cmd = ["finetune_video.py", "--preset", "micro", "--out", tmp_path, "--phase", "image", "--image_steps", "6", "--ckpt_every", "3"]
+    flags = "--phase image --image_steps 6 --ckpt_every 3".split()
+    cmd = ["finetune_video.py", "--preset", "micro", "--out", tmp_path, *flags]
     run_script(*cmd)
-    for other in (["--sample_steps", "3", "--temperature", "0.5"], ["--video_lr", "0.01"]):   # sampling, and phase video's
+    # sampling settings, and phase video's
+    for other in (["--sample_steps", "3", "--temperature", "0.5"], ["--video_lr", "0.01"]):
         assert "resuming image_model from step 6" in run_script(*cmd, *other).stdout
     p = run_script(*cmd, "--image_lr", "0.001", check=False)
     assert one_line_error(p) and "from another config" in p.stderr
@@ -121,10 +143,13 @@ def test_resume_refuses_other_training_settings_but_not_sampling_ones(tmp_path, 
 def test_missing_or_mismatched_stage0_gets_a_one_line_hint(tmp_path, micro):
     p = run_script("finetune_video.py", "--preset", "micro", "--out", tmp_path, check=False)
     assert one_line_error(p) and "python render.py" in p.stderr
-    p = run_script("finetune_video.py", "--preset", "tiny", "--out", micro, "--phase", "video", check=False)
+    p = run_script(
+        "finetune_video.py", "--preset", "tiny", "--out", micro, "--phase", "video", check=False
+    )
     assert one_line_error(p) and "preset" in p.stderr
-    p = run_script("finetune_video.py", "--preset", "micro", "--out", micro, "--phase", "video",
-                   "--image_model", micro / "0_data/assets/train/00000/cameras.safetensors", check=False)
+    not_a_model = micro / "0_data/assets/train/00000/cameras.safetensors"
+    flags = ["--phase", "video", "--image_model", not_a_model]
+    p = run_script("finetune_video.py", "--preset", "micro", "--out", micro, *flags, check=False)
     assert one_line_error(p) and "checkpoint" in p.stderr
 
 
@@ -133,6 +158,7 @@ def test_shipped_image_model_matches_the_tiny_config():
     assert path.is_file(), "the pretrained stand-in must ship with the repository"
     unet, meta = model.load_unet(path, "image_model", "python finetune_video.py --phase image")
     cfg = __import__("finetune_video").Config()
-    assert unet.config["channels"] == [int(c) for c in cfg.channels.split(",")] and unet.config["res"] == render.Config().res
-    assert unet.config["frames"] == 0 and int(meta["world_version"]) == render.WORLD_VERSION
+    assert list(unet.config.channels) == [int(c) for c in cfg.channels.split(",")]
+    assert unet.config.res == render.Config().res
+    assert unet.config.frames == 0 and int(meta["world_version"]) == render.WORLD_VERSION
     assert float(meta["caption_faithfulness"]) >= 0.8
