@@ -1,8 +1,13 @@
-"""Benchmarks: the speed figures the issues ask for, printed as one table.
+"""Benchmarks: the speed figures the issues ask for, printed as one table, against the machine.
 
-Run:  python tests/bench.py                 (everything; a few minutes on a 2-core laptop)
-      python tests/bench.py --only render   (one group: render, volume)
-Stage timings that need a full tiny run read the stage's own meta/metrics files when --out holds them.
+Run:  python tests/bench.py                   (everything; a few minutes on a 2-core laptop)
+      python tests/bench.py --only peak,volume (some groups: peak, render, volume, video, lrm)
+
+The "peak" rows measure the machine's own matmul speed (2048^3, fp32 and bf16). The MFU rows
+divide a step's useful FLOPs (torch's flop counter: matmuls, convolutions, attention, forward and
+backward) by its time and by the fp32 peak, the precision the CPU stages run in. The "reference"
+row times a plain volume renderer, written here the way a tutorial writes one, on the same field
+and rays as ours.
 """
 
 import argparse
@@ -13,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,49 +42,132 @@ def timed(fn, repeat=3):
     return best
 
 
-def bench_render(rows):
+def flops_of(fn):
+    """The FLOPs torch's flop counter sees in one call of fn."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def add_mfu(rows, name, fn, seconds, peak):
+    """A row with fn's achieved GFLOP/s and its share of the fp32 matmul peak."""
+    achieved = flops_of(fn) / seconds
+    rows.append((f"{name}: achieved", achieved / 1e9, "GFLOP/s"))
+    rows.append((f"{name}: MFU (of the fp32 peak)", 100 * achieved / peak, "%"))
+
+
+def bf16_is_native():
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX); without them torch emulates."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bench_peak(rows, ctx):
+    """The machine's matmul peak: a 2048^3 product in fp32 and in bf16 (512^3 where bf16 is
+    emulated: a 2048^3 one takes a minute there)."""
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        native = name == "fp32" or bf16_is_native()
+        n = 2048 if native else 512
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        sec = timed(lambda: a @ b, 10 if native else 1)  # the best of ten: what the machine can do
+        ctx[name] = 2 * n**3 / sec
+        note = "" if native else ", emulated: no AVX512-BF16 or AMX on this CPU"
+        rows.append((f"matmul peak {name} ({n}^3{note})", ctx[name] / 1e9, "GFLOP/s"))
+
+
+def bench_render(rows, ctx):
+    """Stage 0's wall time at tiny, and the exact renderer's speed."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "render.py", "--preset", "tiny", "--out", tmp],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        cmd = [sys.executable, "render.py", "--preset", "tiny", "--out", tmp]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         rows.append(("stage 0 wall time, tiny preset", time.perf_counter() - t, "s"))
     cfg = render.Config()
     objs = [render.make_object(render.object_seed(cfg, "train", i)) for i in range(12)]
     c2w, K = render.orbit(8)
     packed, idx = render.pack(objs), torch.arange(12).repeat_interleave(8)
-    sec = timed(
-        lambda: render.render_views(packed, idx, c2w.repeat(12, 1, 1), K.repeat(12, 1, 1), 32)
-    )
+    c2ws, Ks = c2w.repeat(12, 1, 1), K.repeat(12, 1, 1)
+    sec = timed(lambda: render.render_views(packed, idx, c2ws, Ks, 32))
     rows.append(("exact renderer (sphere tracing, 32x32, 2x2 rays)", 96 / sec, "views/s"))
 
 
-def bench_volume(rows):
-    """Volume rendering through the tiny LRM's triplane field: 8 objects x 4 views x 16x16 crops."""
+def reference_render(lrm, planes, o, d, n_samples):
+    """A plain volume renderer, as tutorials write it: per ray batch, a Python loop over evenly
+    spaced samples in the box; at each, one grid_sample per plane, the decoder, and the running
+    transmittance. planes (1,3,C,P,P), rays o, d (R,3) -> colour (R,3) on white, opacity (R,)."""
+    near, far, hit = render.ray_box(o, d)
+    step = (far - near) / n_samples
+    colour, trans = torch.zeros(len(o), 3), torch.ones(len(o))
+    for i in range(n_samples):
+        p = o + (near + (i + 0.5) * step)[:, None] * d  # (R,3)
+        # the last sample's interval ends at the box, half a step away
+        feats = []
+        for plane, axes in zip(planes[0], ([0, 1], [0, 2], [1, 2])):
+            uv = p[:, axes].view(1, 1, -1, 2)
+            feats.append(F.grid_sample(plane[None], uv, align_corners=False)[0, :, 0])  # (C,R)
+        out = lrm.decoder(torch.cat(feats)[None])[0]  # (4,R)
+        sigma = lrm.config.density_scale * F.softplus(out[0] - 1) * hit
+        alpha = 1 - torch.exp(-sigma * step * (0.5 if i == n_samples - 1 else 1.0))
+        colour = colour + (trans * alpha)[:, None] * torch.sigmoid(out[1:]).T
+        trans = trans * (1 - alpha)
+    return colour + trans[:, None], 1 - trans
+
+
+def bench_volume(rows, ctx):
+    """Volume rendering through the tiny LRM's triplane field: 8 objects x 4 views x 16x16 crops,
+    and ours against the reference on one object's whole 32x32 views with the same 24 samples."""
     cfg = train_lrm.Config()
     lrm = model.LRM(train_lrm.lrm_config(cfg, 32))
     B, V = cfg.batch, cfg.views
     planes = torch.randn(B, 3, cfg.plane_ch, 32, 32, requires_grad=True)
     c2w, K = render.orbit(V)
     cams = (c2w[None].expand(B, V, 4, 4), K[None].expand(B, V, 3, 3))
-    points = B * V * cfg.crop**2 * (cfg.n_coarse + cfg.n_fine)
+    samples = (cfg.n_coarse, cfg.n_fine)
+    points = B * V * cfg.crop**2 * sum(samples)
 
     def fwd():
         with torch.no_grad():
-            lrm.render(planes, *cams, 32, (8, 8, cfg.crop), (cfg.n_coarse, cfg.n_fine))
+            lrm.render(planes, *cams, 32, (8, 8, cfg.crop), samples)
 
     def fwd_bwd():
-        rgb, acc = lrm.render(planes, *cams, 32, (8, 8, cfg.crop), (cfg.n_coarse, cfg.n_fine))
+        rgb, acc = lrm.render(planes, *cams, 32, (8, 8, cfg.crop), samples)
         (rgb.mean() + acc.mean()).backward()
 
     rows.append(("volume rendering, forward (tiny LRM field)", points / timed(fwd), "points/s"))
     rows.append(("volume rendering, forward + backward", points / timed(fwd_bwd), "points/s"))
+    # the same field and rays for both renderers: all 8 views of one object, 24 uniform samples
+    n = sum(samples)
+    one = planes[:1].detach()
+    o, d = render.camera_rays(c2w, K, 32)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    field = one.requires_grad_()
+
+    def ours():
+        rgb, acc = lrm.render(field, c2w[None], K[None], 32, None, (n, 0), False)
+        (rgb.mean() + acc.mean()).backward()
+
+    def reference():
+        rgb, acc = reference_render(lrm, field, o, d, n)
+        (rgb.mean() + acc.mean()).backward()
+
+    with torch.no_grad():
+        ours_rgb = lrm.render(field, c2w[None], K[None], 32, None, (n, 0), False)[0]
+        ref_rgb = reference_render(lrm, field, o, d, n)[0].view(V, 32, 32, 3).permute(0, 3, 1, 2)
+    rows.append(
+        (
+            "volume renderer: max |ours - reference| (same image?)",
+            (ours_rgb[0] - ref_rgb).abs().max().item(),
+            "",
+        )
+    )
+    sec_ours, sec_ref = timed(ours), timed(reference)
+    rows.append((f"volume renderer, {n} samples, forward + backward: ours", 1000 * sec_ours, "ms"))
+    rows.append(("volume renderer: the tutorial-style reference", 1000 * sec_ref, "ms"))
+    rows.append(("volume renderer: speed against the reference (x)", sec_ref / sec_ours, "x"))
 
 
 def tiny_unet(frames):
+    """A UNet of the tiny preset's sizes with random weights (the image model when frames = 0)."""
     cfg = finetune_video.Config()
     torch.manual_seed(0)
     vocab = sorted({w for s in range(200) for w in render.make_object(s)["caption"].split()})
@@ -87,8 +177,9 @@ def tiny_unet(frames):
     return model.UNet(config), cfg
 
 
-def bench_video(rows):
-    """Stage 1 at the tiny sizes: a training step of the temporal layers, and a generated orbit."""
+def bench_video(rows, ctx):
+    """Stage 1 at the tiny sizes: a training step of the temporal layers and a generated orbit;
+    stage 2's engine (text -> first frame -> orbit)."""
     unet, cfg = tiny_unet(8)
     for n, p in unet.named_parameters():
         p.requires_grad = n.startswith("temporal.")
@@ -103,61 +194,39 @@ def bench_video(rows):
         loss.backward()
         opt.step()
 
-    rows.append(
-        (
-            "stage 1 training (temporal layers), tiny",
-            cfg.video_batch * 8 / timed(step, 2),
-            "frames/s",
-        )
-    )
+    sec = timed(step, 2)
+    rows.append(("stage 1 training (temporal layers), tiny", cfg.video_batch * 8 / sec, "frames/s"))
+    add_mfu(rows, "stage 1 training step", step, sec, ctx["fp32"])
     first = torch.zeros(16, 3, 32, 32)
     ids = unet.text.tokenize(["a small red cone"] * 16)[0]
     noise = torch.randn(16, 8, 3, 32, 32)
     how = dict(steps=cfg.sample_steps, guidance=cfg.video_guidance, temperature=cfg.temperature)
     sec = timed(lambda: model.sample(unet.eval(), ids, noise, first, **how), 1)
-    rows.append(
-        (
-            f"stage 1 orbit generation ({cfg.sample_steps} DDIM steps, guidance {cfg.video_guidance})",
-            sec / 16,
-            "s/orbit",
-        )
-    )
+    name = f"stage 1 orbit generation ({cfg.sample_steps} DDIM steps)"
+    rows.append((name, sec / 16, "s/orbit"))
     gcfg = generate_views.Config()
     image, _ = tiny_unet(0)
     names = [f"{i:05d}" for i in range(gcfg.batch)]
-    sec = timed(
-        lambda: generate_views.generate(
-            gcfg,
-            image.eval(),
-            unet,
-            names,
-            ["a small red cone"] * gcfg.batch,
-            None,
-            torch.device("cpu"),
-        ),
-        1,
-    )
-    rows.append(
-        (
-            f"stage 2 data engine ({gcfg.steps} steps, text -> frame -> orbit)",
-            gcfg.batch / sec * 60,
-            "orbits/min",
+    captions = ["a small red cone"] * gcfg.batch
+
+    def engine():
+        generate_views.generate(
+            gcfg, image.eval(), unet, names, captions, None, torch.device("cpu")
         )
-    )
+
+    sec = timed(engine, 1)
+    rows.append((f"stage 2 data engine ({gcfg.steps} steps)", gcfg.batch / sec * 60, "orbits/min"))
+    add_mfu(rows, "stage 2 sampling", engine, sec, ctx["fp32"])
 
 
-def bench_lrm(rows):
-    """Stage 3 at the tiny sizes: a training step and its split between the parts."""
+def bench_lrm(rows, ctx):
+    """Stage 3 at the tiny sizes: a training step, its split between the parts, and stage 5."""
     cfg = train_lrm.Config()
     lrm = model.LRM(train_lrm.lrm_config(cfg, 32))
     N, V = 64, 8
     c2w, K = render.orbit(V)
-    data = dict(
-        images=torch.rand(N, V, 3, 32, 32),
-        masks=torch.rand(N, V, 1, 32, 32),
-        c2w=c2w.expand(N, V, 4, 4),
-        K=K.expand(N, V, 3, 3),
-    )
+    data = dict(images=torch.rand(N, V, 3, 32, 32), masks=torch.rand(N, V, 1, 32, 32))
+    data |= dict(c2w=c2w.expand(N, V, 4, 4), K=K.expand(N, V, 3, 3))
     opt = torch.optim.AdamW(lrm.parameters(), 1e-3)
     b = train_lrm.make_batch(cfg, data, cfg.steps - 1, 32)  # a second-stage (crop) batch
     parts = {}
@@ -166,12 +235,10 @@ def bench_lrm(rows):
         t = time.perf_counter()
         planes = lrm(b["src"], b["cam"])
         t1 = time.perf_counter()
-        rgb, acc = lrm.render(
-            planes, b["c2w"], b["K"], b["res"], b["crop"], (cfg.n_coarse, cfg.n_fine)
-        )
-        loss = model.ssim_loss(
-            rgb.flatten(0, 1), b["target"].flatten(0, 1)
-        ) + torch.nn.functional.mse_loss(acc, b["mask"])
+        samples = (cfg.n_coarse, cfg.n_fine)
+        rgb, acc = lrm.render(planes, b["c2w"], b["K"], b["res"], b["crop"], samples)
+        loss = model.ssim_loss(rgb.flatten(0, 1), b["target"].flatten(0, 1))
+        loss = loss + F.mse_loss(acc, b["mask"])
         t2 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
@@ -182,14 +249,9 @@ def bench_lrm(rows):
     points = cfg.batch * cfg.views * cfg.crop**2 * (cfg.n_coarse + cfg.n_fine)
     rows.append(("stage 3 LRM training, tiny", cfg.batch / sec, "objects/s"))
     rows.append(("stage 3 rendered points, forward + backward", points / sec, "points/s"))
+    add_mfu(rows, "stage 3 LRM step", step, sec, ctx["fp32"])
     for k, v in parts.items():
-        rows.append(
-            (
-                f"stage 3 step split: {k} (encoder+transformer / volume render / all backward)",
-                1000 * v,
-                "ms",
-            )
-        )
+        rows.append((f"stage 3 step split: {k}", 1000 * v, "ms"))
     icfg = infer.Config()
     img = torch.rand(3, 32, 32)
     t = {}
@@ -204,36 +266,43 @@ def infer_times(cfg, lrm, img):
     with torch.no_grad():
         c2w, K = render.orbit(cfg.turntable)
         planes = lrm(img[None], model.camera_vector(model.CANONICAL[None], K[:1]))
-        out["triplane"], t = time.perf_counter() - t, time.perf_counter()
-        level = (
-            lrm.field(planes, torch.rand(1, 4096, 3) * 2 - 1)[0].median().item()
-        )  # random weights: a level that has a surface
+        out["triplane"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # random weights: the median density is a level that has a surface
+        level = lrm.field(planes, torch.rand(1, 4096, 3) * 2 - 1)[0].median().item()
         model.lrm_mesh(lrm, planes[0], cfg.mesh_res, level)
-        out[f"mesh at {cfg.mesh_res}^3"], t = time.perf_counter() - t, time.perf_counter()
+        out[f"mesh at {cfg.mesh_res}^3"] = time.perf_counter() - t
+        t = time.perf_counter()
         lrm.render(planes, c2w[None], K[None], 32, None, (cfg.samples, cfg.samples), False)
         out[f"turntable, {cfg.turntable} frames"] = time.perf_counter() - t
     out["total per image"] = sum(out.values())
     return out
 
 
-GROUPS = {"render": bench_render, "volume": bench_volume, "video": bench_video, "lrm": bench_lrm}
+GROUPS = {
+    "peak": bench_peak,
+    "render": bench_render,
+    "volume": bench_volume,
+    "video": bench_video,
+    "lrm": bench_lrm,
+}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--only", default=",".join(GROUPS), help="comma-separated groups: " + ", ".join(GROUPS)
-    )
+    p.add_argument("--only", default=",".join(GROUPS), help="groups: " + ", ".join(GROUPS))
     args = p.parse_args()
     model.keep_freed_memory()  # as every stage does in model.setup
-    rows = []
-    for name in args.only.split(","):
-        GROUPS[name](rows)
-    print(
-        f"\n{'benchmark':56s} {'value':>12s}  unit   (torch {torch.__version__}, {torch.get_num_threads()} threads)"
-    )
+    rows, ctx = [], {}  # ctx: the measured peaks, which the MFU rows divide by
+    groups = args.only.split(",")
+    if "peak" not in groups and {"video", "lrm"} & set(groups):
+        groups.insert(0, "peak")
+    for name in groups:
+        GROUPS[name](rows, ctx)
+    print(f"\n{'benchmark':64s} {'value':>12s}  unit")
+    print(f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
     for name, value, unit in rows:
-        print(f"{name:56s} {value:12,.1f}  {unit}")
+        print(f"{name:64s} {value:12,.2f}  {unit}")
 
 
 if __name__ == "__main__":
