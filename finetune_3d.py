@@ -6,11 +6,11 @@ lower learning rate and crops at full resolution. It imports train_lrm.py and ru
 assets alone from random weights (experiment A of the paper's comparison), with stage 3's
 schedule and as many steps as stages 3 and 4 together.
 
-Reads:  out/3_lrm/lrm.safetensors, out/0_data/assets/train/ (or --data), out/0_data/assets/test/
+Reads:  out/3_lrm/lrm.safetensors, out/0_data/assets/train/ (or --data), out/0_data/assets/test_*/
 Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, samples/, metrics.json, meta.json
-Run:    python finetune_3d.py                                  (tiny: about 6 minutes on 2 CPU cores)
+Run:    python finetune_3d.py                                 (tiny: about 6 minutes on 2 CPU cores)
         python finetune_3d.py --preset micro --out /tmp/run
-        python finetune_3d.py --from_scratch                   (experiment A)
+        python finetune_3d.py --from_scratch                  (experiment A)
         torchrun --nproc_per_node=4 finetune_3d.py --preset small --device cuda
 """
 
@@ -20,9 +20,8 @@ from pathlib import Path
 import render
 import train_lrm
 
+
 # ----------------------------------------------------------------------------- config
-
-
 @dataclasses.dataclass
 class Config(train_lrm.Config):
     data: str = ""  # real assets ("" = <out>/0_data/assets/train)
@@ -42,9 +41,8 @@ PRESETS["micro"].update(steps=4, low_frac=0.0, warmup=1)
 PRESETS["small"].update(steps=10000, lr=1e-4)
 PRESETS["paper"].update(steps=20000, lr=4e-5)
 
+
 # ----------------------------------------------------------------------------- main
-
-
 def from_scratch(cfg):
     """Experiment A: stage 3's schedule (learning rate, warm-up, number of low-resolution steps) on
     the real assets, for as many steps as stage 3 + stage 4 took, from random weights."""

@@ -30,9 +30,8 @@ import torch.nn.functional as F
 import model
 import render
 
+
 # ----------------------------------------------------------------------------- config
-
-
 @dataclass
 class Config:
     preset: str = "tiny"  # micro | tiny | small | paper
@@ -65,9 +64,8 @@ PRESETS = {
 
 REASONS = ("empty_view", "flooded_view", "area_jump", "colour_drift")  # what judge() can return
 
+
 # ----------------------------------------------------------------------------- data
-
-
 def read_prompts(cfg, data, res):
     """-> list of (id, caption, first frame (3,H,W) in [0,1] or None). Every image is read (and
     checked) before anything is generated, so a corrupt one stops the run with nothing written."""
@@ -155,8 +153,6 @@ def load(cfg, device, rank):
 
 
 # ----------------------------------------------------------------------------- the filter
-
-
 def judge(views, cfg):
     """views (V,3,H,W) in [0,1] -> None if kept, else the reason for rejecting the orbit."""
     mask = render.object_mask(views)  # (V,H,W) object pixels
@@ -175,8 +171,6 @@ def judge(views, cfg):
 
 
 # ----------------------------------------------------------------------------- generation
-
-
 def prompt_noise(seed, names, frames, res):
     """Each prompt's starting noise comes from its own name (seed * SEED_STRIDE + crc32(name)), so
     an orbit does not depend on its batch, its rank or a resume -> (B,frames,3,res,res)."""
@@ -257,11 +251,10 @@ def run_engine(cfg, engine, device, rank, world):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
 def evaluate(cfg, engine, device):
-    """The engine on held-out assets: orbits from (true view 0, caption) against the true views."""
-    dirs = sorted(p for p in (engine.data / "assets/test").iterdir() if p.is_dir())[: cfg.n_eval]
+    """The engine on held-out assets: orbits from (true view 0, caption) against the true views,
+    over all of them and over the seen and unseen categories apart -> {"rows", "splits"}."""
+    dirs = render.test_folders(engine.data, cfg.n_eval)
     objs = [render.load_object(d, engine.res, engine.views) for d in dirs]
     true = torch.stack([o["images"] for o in objs])
     gen = []
@@ -275,11 +268,16 @@ def evaluate(cfg, engine, device):
     gen = torch.cat(gen)
     views = engine.views
     far = [k for k in range(1, views) if min(k, views - k) * 360 / views >= 90]
-    rows = {}
-    for name, ks in (("synthetic", list(range(1, views))), ("synthetic_far", far)):
-        m = model.view_metrics(gen[:, ks].flatten(0, 1), true[:, ks].flatten(0, 1))
-        rows[name] = {k: round(v, 4) for k, v in m.items()}
-    return rows
+
+    def score(idx):
+        """The rows over the objects idx: all views but the input, and the far ones alone."""
+        rows = {}
+        for name, ks in (("synthetic", list(range(1, views))), ("synthetic_far", far)):
+            m = model.view_metrics(gen[idx][:, ks].flatten(0, 1), true[idx][:, ks].flatten(0, 1))
+            rows[name] = {k: round(v, 4) for k, v in m.items()}
+        return rows
+
+    return render.rows_by_split(dirs, score)
 
 
 def summarise(cfg, engine, made, seconds, device):
@@ -289,15 +287,12 @@ def summarise(cfg, engine, made, seconds, device):
     kept = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "prompt.txt").is_file())
     reasons = [p.read_text().strip() for p in out.glob("*.rejected")]
     stats = {r: reasons.count(r) for r in REASONS}
-    rows = evaluate(cfg, engine, device)
+    scores = evaluate(cfg, engine, device)
+    n = sum(s["n_objects"] for s in scores["splits"].values())
     metrics = dict(
-        stage="generate_views",
-        preset=cfg.preset,
-        seconds=round(seconds, 1),
-        n_objects=cfg.n_eval,
-        rows=rows,
+        stage="generate_views", preset=cfg.preset, seconds=round(seconds, 1), n_objects=n
     )
-    render.save_json(out / "metrics.json", metrics)
+    render.save_json(out / "metrics.json", metrics | scores)
     meta = dict(
         stage="generate_views",
         preset=cfg.preset,
@@ -318,11 +313,8 @@ def summarise(cfg, engine, made, seconds, device):
         f"stage 2 done in {seconds / 60:.1f} min: {len(kept)} orbits kept, "
         f"{len(reasons)} rejected {stats} -> {out}"
     )
-    for name, r in rows.items():
-        print(
-            f"  {name:14s} psnr {r['psnr']:6.2f}  ssim {r['ssim']:.3f}  "
-            f"color_err {r['color_err']:.3f}   (held-out assets, view 0 + caption)"
-        )
+    print("the engine on the held-out assets (view 0 + caption), seen and unseen categories:")
+    render.print_table(scores["rows"])
     print("next: python train_lrm.py")
 
 

@@ -7,9 +7,9 @@ Writes: out/5_infer/<name>/ input.png, mesh.obj, mesh.ply, views/, turntable.gif
         imageio-ffmpeg); --eval DIR: out/5_infer/<name>/metrics.json
         --table: out/table/ metrics.json, table.md, scaling.md (+ scaling.png with matplotlib),
         scaling_scarce.md after `run_all.sh scarce`, compare_*.gif
-Run:    python infer.py --image out/0_data/assets/test/00000/000.png
+Run:    python infer.py --image out/0_data/assets/test_unseen/00000/000.png
         python infer.py --prompt "a small red cone on top of a large blue box"
-        python infer.py --eval out/0_data/assets/test --model out/4_finetune/lrm.safetensors
+        python infer.py --eval out/0_data/assets --model out/4_finetune/lrm.safetensors
         python infer.py --table          (after run_all.sh's experiment step)
         (inference needs no torchrun: one image at a time)
 """
@@ -28,9 +28,8 @@ import torch.nn.functional as F
 import model
 import render
 
+
 # ----------------------------------------------------------------------------- config
-
-
 @dataclass
 class Config:
     preset: str = "tiny"  # micro | tiny | small | paper (only picks the default image model)
@@ -61,9 +60,8 @@ PRESETS = {
     "paper": dict(mesh_res=256),
 }
 
+
 # ----------------------------------------------------------------------------- inputs
-
-
 def default_model(cfg):
     """The newest LRM under --out: stage 4's fine-tuned one, else stage 3's."""
     for stage in ("4_finetune", "3_lrm"):
@@ -169,8 +167,6 @@ def read_inputs(cfg, res, device):
 
 
 # ----------------------------------------------------------------------------- 3D
-
-
 def save_gif(out, frames, scale):
     """Frames (T,3,H,W) in [0,1], each pixel enlarged to scale x scale -> GIF `out`, looping at
     12.5 frames a second; -> its frames, uint8 (H*scale, W*scale, 3)."""
@@ -217,28 +213,28 @@ def reconstruct(cfg, lrm, name, img, device):
 def evaluate(cfg, lrm, path, device, start):
     """--eval DIR: the held-out evaluation of the model `path` on DIR's real assets ->
     out/5_infer/<name>/metrics.json; start: when loading the model began."""
+    # a folder of real assets, or out/0_data/assets: its held-out test_seen and test_unseen
     src = Path(cfg.eval)
-    folders = []
-    if src.is_dir():
-        folders = sorted(p for p in src.iterdir() if (p / "surface.safetensors").is_file())
+    folders = [p.parent for p in sorted(src.glob("*/surface.safetensors"))][: cfg.n_eval or None]
+    if not folders and (src / "test_seen").is_dir():
+        folders = render.test_folders(src.parent, cfg.n_eval or None)
     if not folders:
         raise render.DataError(
             f"{cfg.eval}: no real assets (object folders with surface.safetensors); "
-            "pass out/0_data/assets/test"
+            "pass out/0_data/assets"
         )
-    folders = folders[: cfg.n_eval or None]
-    rows, _ = model.evaluate_lrm(lrm, folders, device, cfg.mesh_res, cfg.mesh_level)
+    scores, _ = model.evaluate_lrm(lrm, folders, device, cfg.mesh_res, cfg.mesh_level)
     name = cfg.name or f"eval_{path.parent.name}"
     seconds = round(time.perf_counter() - start, 1)
     metrics = dict(stage="infer", preset=cfg.preset, model=str(path), n_objects=len(folders))
-    metrics |= dict(seconds=seconds, rows=rows)
-    render.save_json(Path(cfg.out) / "5_infer" / name / "metrics.json", metrics)
-    render.print_table(rows)
-    return rows
+    render.save_json(
+        Path(cfg.out) / "5_infer" / name / "metrics.json", metrics | dict(seconds=seconds) | scores
+    )
+    render.print_table(scores["rows"])
+    return scores["rows"]
 
 
 # ----------------------------------------------------------------------------- the experiment table
-
 # The table's rows and the stage folder (under --out) of the run that makes each.
 RUNS = {
     "A_3d_only": "4_from_scratch",
@@ -345,7 +341,8 @@ def scaling_curve(cfg, name, rows, info, curve):
 
 @torch.no_grad()
 def comparison_gifs(cfg, table, n=4, frames=24):
-    """Turntables of test objects: input | (A) 3D only | (C) synthetic then 3D | ground truth."""
+    """Turntables of unseen-category test objects: input | (A) 3D only | (C) synthetic then 3D |
+    ground truth."""
     root = Path(cfg.out)
     paths = [root / RUNS[r] / "lrm.safetensors" for r in ("A_3d_only", "C_synthetic_then_3d")]
     meta0 = render.read_meta(root / "0_data", "python render.py")
@@ -354,9 +351,9 @@ def comparison_gifs(cfg, table, n=4, frames=24):
     models = [model.load_lrm(p, "python finetune_3d.py")[0] for p in paths]
     c2w, K = render.orbit(frames)
     cam = model.camera_vector(model.CANONICAL[None], K[:1])
-    for i in range(min(n, c0.n_test)):
-        ob = render.load_object(root / f"0_data/assets/test/{i:05d}", res)
-        packed = render.pack([render.make_object(render.object_seed(c0, "test", i))])
+    for i in range(min(n, c0.n_test_unseen)):
+        ob = render.load_object(root / f"0_data/assets/test_unseen/{i:05d}", res)
+        packed = render.pack([render.world_object(c0, "test_unseen", i)])
         first = torch.zeros(frames, dtype=torch.long)  # every view shows object 0
         rgba, _ = render.render_views(packed, first, c2w, K, res)
         cols = [ob["images"][:1].expand(frames, -1, -1, -1)]

@@ -4,7 +4,8 @@ decoder), the evaluation metrics, safetensors checkpoints and what the training 
 (device, seeds, DDP, the learning-rate schedule, the optimiser state).
 
 Imported by the stage scripts; imports render.py for volume rendering and file helpers.
-Paper: VFusion3D Sec. 3.1 (video model, temporal layers on frozen spatial layers) and Sec. 3.2 (LRM).
+Paper: VFusion3D Sec. 3.1 (video model, temporal layers on frozen spatial layers) and
+       Sec. 3.2 (LRM).
 """
 
 import contextlib
@@ -25,9 +26,8 @@ import torch.nn.functional as F
 
 import render
 
+
 # ----------------------------------------------------------------------------- setup
-
-
 def setup(cfg):
     """Device, seed, DDP under torchrun -> (device, rank, world)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -46,7 +46,7 @@ def setup(cfg):
 
 
 def keep_freed_memory():
-    """Tell glibc to keep freed memory instead of unmapping it (twice the LRM's speed, docs/log.md)."""
+    """Let glibc keep freed memory, not unmap it: 2x the LRM's speed (docs/log.md)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every allocation from the heap
@@ -64,18 +64,17 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# ----------------------------------------------------------------------------- shared by the training scripts
-
+# ------------------------------------------------------------------- shared by the training scripts
 SEED_STRIDE = 1_000_003  # seed * SEED_STRIDE + step: every step of every run draws its own numbers
 
 
 def step_seed(seed, step, rank=0, world=1):
-    """The RNG seed of one training step on one rank, so a resumed run repeats an uninterrupted one."""
+    """The RNG seed of one step on one rank: a resumed run repeats an uninterrupted one."""
     return seed * SEED_STRIDE + step * world + rank
 
 
 def learning_rate(step, steps, peak, warmup):
-    """Linear warm-up over `warmup` steps, then a cosine from `peak` down to 10% of it at `steps`."""
+    """Linear warm-up over `warmup` steps, then a cosine from `peak` to 10% of it at `steps`."""
     return peak * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
 
 
@@ -103,8 +102,6 @@ def restore_adam_state(opt, tensors, step):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
 def save_checkpoint(path, tensors, kind, config, **extra):
     """Tensors + JSON metadata (kind = which stage's model, config = how to rebuild it)."""
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
@@ -138,21 +135,20 @@ def load_weights(module, tensors, path, prefix=""):
     try:
         module.load_state_dict(own)
     except RuntimeError as e:
-        lines = str(e).split("\n")
-        first = lines[1].strip() if len(lines) > 1 else lines[0][:200]
+        first = (str(e).split("\n")[1:] or [str(e)[:200]])[0].strip()  # the first mismatch
         raise render.DataError(
             f"{path}: does not fit this model ({first}); was it made with another config?"
         ) from None
 
 
 # ----------------------------------------------------------------------------- text encoder
-
 PAD, UNKNOWN, START = 0, 1, 2  # token ids before the vocabulary's; a caption starts with START
 
 
 class TextEncoder(nn.Module):
     """Word-level tokens -> a small pre-norm transformer -> per-token features (B,L,D) and a pooled
-    vector (B,D) from the START token. An empty caption (for classifier-free guidance) is [START]."""
+    vector (B,D) from the START token. An empty caption (for classifier-free guidance) is
+    [START]."""
 
     def __init__(self, vocab, dim=64, layers=2, max_len=32):
         super().__init__()
@@ -184,8 +180,6 @@ class TextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the video UNet
-
-
 def attend(q, k, v, heads, mask=None):
     """Multi-head scaled dot-product attention on (B,N,C) tensors."""
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B,heads,N,c)
@@ -194,7 +188,7 @@ def attend(q, k, v, heads, mask=None):
 
 
 class ResBlock(nn.Module):
-    """Spatial layer: GroupNorm-SiLU-conv, scale/shift from (time + pooled text), GroupNorm-SiLU-conv."""
+    """Spatial layer: GroupNorm-SiLU-conv, scale/shift from time + text, GroupNorm-SiLU-conv."""
 
     def __init__(self, cin, cout, emb):
         super().__init__()
@@ -213,7 +207,7 @@ class ResBlock(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """Spatial layer: self-attention over pixels, then cross-attention from pixels to text tokens."""
+    """Spatial layer: self-attention over pixels, then cross-attention to the text tokens."""
 
     def __init__(self, dim, text_dim, heads=4):
         super().__init__()
@@ -240,10 +234,11 @@ class SpatialAttention(nn.Module):
 
 class TemporalLayer(nn.Module):
     """Temporal layer (inserted after a spatial block): a circular 1D convolution over the frames of
-    the orbit and attention across frames with a frame-position embedding. Both are residual branches
-    whose output projections start at zero, so at insertion the block is the identity. With
+    the orbit and attention across frames with a frame-position embedding. Both are residual
+    branches whose output projections start at zero, so at insertion the block is the identity. With
     full_res (low resolutions) the attention spans every pixel of every frame (multi-view attention,
-    as in MVDream), so a part can be followed as it moves across the image while the object turns."""
+    as in MVDream), so a part can be followed as it moves across the image while the object
+    turns."""
 
     def __init__(self, dim, frames, heads=4, full_res=0):
         super().__init__()
@@ -258,9 +253,8 @@ class TemporalLayer(nn.Module):
         self.norm_attn = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.attn_out = nn.Linear(dim, dim)
-        for lin in (self.conv_out, self.attn_out):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for p in [*self.conv_out.parameters(), *self.attn_out.parameters()]:
+            nn.init.zeros_(p)
 
     def forward(self, x, frames):
         BF, C, H, W = x.shape
@@ -395,8 +389,6 @@ def load_unet(path, kind, hint, frames=0, mv_attn_res=()):
 
 
 # ----------------------------------------------------------------------------- diffusion
-
-
 def alpha_sigma(t):
     """Cosine schedule (zero terminal SNR at t = 1): x_t = alpha x_0 + sigma eps."""
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
@@ -459,19 +451,20 @@ def sample(unet, ids, noise, first=None, *, steps=20, guidance=3.0, temperature=
 
 
 # ----------------------------------------------------------------------------- the LRM (Sec. 3.2)
-
 CANONICAL = render.orbit(1)[0][0]  # every source camera is moved here (the orbit's first view)
 
 
 def camera_vector(c2w, K):
-    """The 16-number camera: flattened 3x4 pose + normalised fx, fy, cx, cy. (B,4,4), (B,3,3) -> (B,16)."""
+    """The 16-number camera: flattened 3x4 pose + normalised fx, fy, cx, cy.
+    (B,4,4), (B,3,3) -> (B,16)."""
     focal_centre = [K[:, 0, 0:1], K[:, 1, 1:2], K[:, 0, 2:3], K[:, 1, 2:3]]
     return torch.cat([c2w[:, :3, :4].flatten(1), *focal_centre], -1)
 
 
 def canonicalise(c2w_src, c2w):
     """Rigidly move the world so the source camera sits at CANONICAL; other cameras keep their pose
-    relative to it. c2w_src (B,4,4), c2w (B,V,4,4) -> (B,V,4,4), and the world transform M (B,4,4)."""
+    relative to it. c2w_src (B,4,4), c2w (B,V,4,4) -> (B,V,4,4), and the world transform
+    M (B,4,4)."""
     M = CANONICAL.to(c2w) @ torch.linalg.inv(c2w_src)
     return M[:, None] @ c2w, M
 
@@ -506,8 +499,8 @@ class ModLN(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.mod = nn.Linear(cam_dim, 2 * dim)
-        nn.init.zeros_(self.mod.weight)
-        nn.init.zeros_(self.mod.bias)
+        for p in self.mod.parameters():
+            nn.init.zeros_(p)
 
     def forward(self, x, cam):
         shift, scale = self.mod(F.silu(cam))[:, None].chunk(2, -1)
@@ -539,8 +532,8 @@ class TriplaneBlock(nn.Module):
 
 def sample_planes(planes, pts):
     """Triplane features at points: planes (B,3,C,P,P) for the xy, xz and yz planes (a plane's
-    columns follow its first axis, its rows the second), points (B,N,3) in [-1,1]^3 -> (B,3C,N).
-    One grid_sample reads all three planes; their features are concatenated (EG3D-style triplanes)."""
+    columns follow its first axis, its rows the second), points (B,N,3) in [-1,1]^3 -> (B,3C,N). One
+    grid_sample reads all three planes; their features are concatenated (EG3D-style triplanes)."""
     B, N = pts.shape[:2]
     uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 1)  # (B,3,N,2)
     uv = uv.reshape(B * 3, 1, N, 2)
@@ -550,7 +543,8 @@ def sample_planes(planes, pts):
 
 def plane_points(n, depths):
     """Cell centres of the xy, xz and yz planes' n x n grids, moved by each offset along the plane's
-    normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate, as in sample_planes."""
+    normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate, as in
+    sample_planes."""
     g = (torch.arange(n) + 0.5) / n * 2 - 1
     v, u = torch.meshgrid(g, g, indexing="ij")
     d = torch.tensor(depths, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, n)
@@ -670,8 +664,8 @@ class LRM(nn.Module):
         return density, torch.sigmoid(out[:, 1:]).transpose(1, 2)
 
     def render(self, planes, c2w, K, res, crop=None, samples=(16, 16), stratified=True):
-        """Render cameras c2w (B,V,4,4), K (B,V,3,3) at res x res (or a crop (top, left, size) of it)
-        with samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w).
+        """Render cameras c2w (B,V,4,4), K (B,V,3,3) at res x res (or a crop (top, left, size) of
+        it) with samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w).
         Where one render goes: render.camera_rays makes the rays; render.volume_render places the
         samples along them and composites; it calls back field() below, which reads the planes
         (sample_planes) and decodes density and colour (LRM.field)."""
@@ -711,7 +705,7 @@ def lrm_mesh(lrm, planes, res, level):
 
 
 def ssim_loss(x, y, window=7):
-    """1 - SSIM with a uniform window, differentiable: the image-level loss (LPIPS needs downloads)."""
+    """1 - SSIM with a uniform window, differentiable: the image-level loss (LPIPS stand-in)."""
     C1, C2 = 0.01**2, 0.03**2
 
     def pool(z):
@@ -726,8 +720,6 @@ def ssim_loss(x, y, window=7):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
 def object_colour(img):
     """Mean colour of an image's object pixels (not near-white), (3,H,W) -> (3,); white if none."""
     m = render.object_mask(img)
@@ -780,21 +772,27 @@ def evaluate_object(lrm, folder, device, mesh_res, level):
 def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0):
     """DESIGN.md's held-out evaluation: input = view 0; PSNR/SSIM/colour of the other views,
     Chamfer-L1 and F-score (tau 0.05) of the mesh against the true surface; with the baselines
-    "copy the input view" and "a sphere of radius 0.5" -> (rows, rendered views (N,V-1,3,H,W))."""
+    "copy the input view" and "a sphere of radius 0.5", over all folders and the seen and unseen
+    categories apart -> ({"rows", "splits"}, rendered views (N,V-1,3,H,W))."""
     gen = torch.Generator().manual_seed(0)
     ball = F.normalize(torch.randn(10000, 3, generator=gen), dim=-1) * 0.5  # sphere of radius 0.5
-    pred, true, copy, geo, sphere = [], [], [], [], []
-    for folder in folders:
-        ob = evaluate_object(lrm, folder, device, mesh_res, level)
-        pred.append(ob["pred"])
-        true.append(ob["views"][1:])
-        copy.append(ob["views"][:1].expand_as(ob["pred"]))
-        geo.append(render.chamfer_fscore(ob["points"], ob["surface"]))
-        sphere.append(render.chamfer_fscore(ball, ob["surface"]))
-    rows = {"lrm": view_metrics(torch.cat(pred), torch.cat(true)), "sphere": {}}
-    rows["copy_input"] = view_metrics(torch.cat(copy), torch.cat(true))
-    for row, scores in (("lrm", geo), ("sphere", sphere)):
-        rows[row]["chamfer_l1"] = float(np.mean([chamfer for chamfer, _ in scores]))
-        rows[row]["fscore"] = float(np.mean([fscore for _, fscore in scores]))
-    rounded = {name: {k: round(x, 4) for k, x in r.items()} for name, r in rows.items()}
-    return rounded, torch.stack(pred)
+    obs = [evaluate_object(lrm, folder, device, mesh_res, level) for folder in folders]
+    geo = {"lrm": [render.chamfer_fscore(ob["points"], ob["surface"]) for ob in obs]}
+    geo["sphere"] = [render.chamfer_fscore(ball, ob["surface"]) for ob in obs]
+
+    def score(idx):
+        """The rows over the objects idx."""
+        pred = torch.cat([obs[i]["pred"] for i in idx])
+        true = torch.cat([obs[i]["views"][1:] for i in idx])
+        copy = torch.cat([obs[i]["views"][:1].expand_as(obs[i]["pred"]) for i in idx])
+        rows = {
+            "lrm": view_metrics(pred, true),
+            "sphere": {},
+            "copy_input": view_metrics(copy, true),
+        }
+        for row, scores in geo.items():
+            rows[row]["chamfer_l1"] = float(np.mean([scores[i][0] for i in idx]))
+            rows[row]["fscore"] = float(np.mean([scores[i][1] for i in idx]))
+        return {name: {k: round(x, 4) for k, x in r.items()} for name, r in rows.items()}
+
+    return render.rows_by_split(folders, score), torch.stack([ob["pred"] for ob in obs])

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 # Bump when the world (shapes, colours, framing) changes: shipped weights check it.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 # A pixel is background when every channel is at least this bright. One threshold serves every
 # mask: the LRM's opacity target, the data engine's filter, the colour metric, framing a photo.
@@ -54,16 +54,16 @@ def progress(iterable=None, **kwargs):
 
 
 # ----------------------------------------------------------------------------- config
-
-
 @dataclass
 class Config:
     preset: str = "tiny"  # micro | tiny | small | paper (fills the fields below)
     out: str = "out"  # root folder holding the numbered stage folders
     seed: int = 0  # world seed: the same seed writes the same bytes
     device: str = "cpu"  # unused here (rendering runs on the CPU), kept for a uniform CLI
-    n_train: int = 400  # real 3D assets for training (the scarce 3D data)
-    n_test: int = 50  # held-out real assets, evaluation only
+    categories_3d: int = 6  # categories with 3D assets: the first N of CATEGORIES
+    n_train: int = 400  # real 3D assets for training (the scarce 3D data), of those categories
+    n_test_seen: int = 40  # held-out real assets of the same categories, evaluation only
+    n_test_unseen: int = 40  # held-out real assets of the other categories, evaluation only
     n_images: int = 10000  # single views of other objects (the abundant 2D data)
     n_prompts: int = 2000  # captions of other objects (the "web-scale" prompts)
     views: int = 8  # views per orbit
@@ -75,14 +75,11 @@ class Config:
 
 
 PRESETS = {
-    "micro": dict(
-        n_train=12, n_test=4, n_images=64, n_prompts=32, views=4, res=16, surface_points=1024
-    ),
+    "micro": dict(n_train=12, n_test_seen=4, n_test_unseen=4, n_images=64, n_prompts=32)
+    | dict(views=4, res=16, surface_points=1024),
     "tiny": {},
-    "small": dict(n_train=2000, n_test=100, n_images=50000, n_prompts=20000, views=16, res=64),
-    "paper": dict(
-        n_train=100000, n_test=1000, n_images=1000000, n_prompts=4000000, views=16, res=256
-    ),
+    "small": dict(n_train=2000, n_images=50000, n_prompts=20000, views=16, res=64),
+    "paper": dict(n_train=100000, n_images=1000000, n_prompts=4000000, views=16, res=256),
 }
 
 # Fixed framing (world units, degrees): objects fit a sphere of radius FRAME_FILL, which fills
@@ -150,7 +147,8 @@ def parse_config(cls, presets, argv=None):
 
 
 def run_cli(main):
-    """Run `main()`, turning bad input (DataError) and file-system errors into one line on stderr."""
+    """Run `main()`, turning bad input (DataError) and file-system errors
+    into one line on stderr."""
     try:
         main()
     except (DataError, OSError) as e:
@@ -160,8 +158,6 @@ def run_cli(main):
 
 
 # ----------------------------------------------------------------------------- atomic files
-
-
 def atomic_write(path, write):
     """Call write(tmp_path), then rename to `path`: a reader never sees a half-written file."""
     path = Path(path)
@@ -182,7 +178,8 @@ def save_png(path, img):
 
 
 def write_text(path, text):
-    """Atomic text write that leaves an identical file untouched (a rerun rewrites nothing complete)."""
+    """Atomic text write that leaves an identical file untouched
+    (a rerun rewrites nothing complete)."""
     if not (Path(path).is_file() and Path(path).read_text() == text):
         atomic_write(path, lambda t: t.write_text(text))
 
@@ -211,7 +208,8 @@ def load_tensors(path):
 
 
 def load_png(path, res=None):
-    """-> rgb (3,H,W) composited on white, alpha (1,H,W) or None. Checks the size when res is given."""
+    """-> rgb (3,H,W) composited on white, alpha (1,H,W) or None.
+    Checks the size when res is given."""
     try:
         im = Image.open(path)
         im.load()
@@ -223,7 +221,8 @@ def load_png(path, res=None):
         ) from None
     if res is not None and im.size != (res, res):
         raise DataError(
-            f"{path}: is {im.size[0]}x{im.size[1]}, expected {res}x{res}; regenerate it at this preset"
+            f"{path}: is {im.size[0]}x{im.size[1]}, expected {res}x{res}; "
+            "regenerate it at this preset"
         )
     has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     x = torch.from_numpy(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255).permute(2, 0, 1)
@@ -231,7 +230,8 @@ def load_png(path, res=None):
 
 
 def read_meta(folder, hint):
-    """The meta.json of a finished stage folder, or a one-line DataError naming the command to run."""
+    """The meta.json of a finished stage folder,
+    or a one-line DataError naming the command to run."""
     path = Path(folder) / "meta.json"
     try:
         return json.loads(path.read_text())
@@ -244,11 +244,10 @@ def read_meta(folder, hint):
 
 
 # ----------------------------------------------------------------------------- cameras
-
-
 def orbit(views, start_deg=0.0, elevation_deg=ELEVATION, radius=RADIUS):
-    """The fixed orbit: `views` azimuths evenly spaced from the input view's, as OpenGL camera-to-world
-    matrices (+z up, each camera looking down its -z at the origin) -> c2w (V,4,4), K (V,3,3)."""
+    """The fixed orbit: `views` azimuths evenly spaced from the input view's, as OpenGL
+    camera-to-world matrices (+z up, each camera looking down its -z at the origin)
+    -> c2w (V,4,4), K (V,3,3)."""
     az = (start_deg + torch.arange(views) * 360.0 / views).deg2rad()
     el = torch.full_like(az, float(elevation_deg)).deg2rad()
     pos = radius * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)  # (V,3)
@@ -263,14 +262,15 @@ def orbit(views, start_deg=0.0, elevation_deg=ELEVATION, radius=RADIUS):
 
 
 def intrinsics(fov_deg):
-    """Pinhole intrinsics normalised by the image size: fx = fy = 0.5 / tan(fov/2), cx = cy = 0.5."""
+    """Pinhole intrinsics normalised by the image size:
+    fx = fy = 0.5 / tan(fov/2), cx = cy = 0.5."""
     f = 0.5 / np.tan(np.deg2rad(fov_deg) / 2)
     return torch.tensor([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]], dtype=torch.float32)
 
 
 def camera_rays(c2w, K, res, crop=None):
-    """World rays through pixel centres of a res x res image, or of a crop (top, left, size), where top
-    and left may be (B,) tensors (one crop per camera). c2w (B,4,4), K (B,3,3) -> origins, unit
+    """World rays through pixel centres of a res x res image, or of a crop (top, left, size), where
+    top and left may be (B,) tensors (one crop per camera). c2w (B,4,4), K (B,3,3) -> origins, unit
     directions (B,h,w,3)."""
     top, left, size = crop if crop is not None else (0, 0, res)
     v, u = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -294,7 +294,6 @@ def project(points, c2w, K, res):
 
 
 # ----------------------------------------------------------------------------- the procedural world
-
 # Each primitive stands upright (axis z) with three parameters (a, b, e); its distance function of
 # x, y, z in its own frame and rho = sqrt(x^2 + y^2) says what they mean (exact but for the cone).
 
@@ -338,36 +337,24 @@ def capsule_sdf(x, y, z, rho, a, b, e):
     return torch.sqrt(rho * rho + (z - z.clamp(-b, b)).square()) - a
 
 
-def extent(formula, p):
-    """An extent of a primitive with parameters p = (a, b, e), named by its formula in SHAPES."""
-    a, b, e = p
-    values = {"a": a, "b": b, "e": e, "a + b": a + b, "hypot(a, b)": np.hypot(a, b)}
-    values["norm(a, b, e)"] = np.linalg.norm(p)
-    return values[formula]
-
-
 @dataclass(frozen=True)
 class Shape:
-    """One kind of primitive: its word in captions, the ranges its parameters are drawn from, its
-    extents (which place the next primitive and frame the object) and its signed distance."""
+    """One kind of primitive: its name, the radius of its bounding sphere (which centres and fits
+    an object into the frame) and its signed distance."""
 
     name: str
-    ranges: tuple  # a, then b, then e: s * (low + span * u) for a size s, u uniform in [0, 1)
-    half_height: str  # formulas (see extent): half its height, to stack the next one on top
-    radius: str  # its horizontal radius, to stand the next primitive beside it
-    bound: str  # the radius of its bounding sphere, to centre and fit the object
+    bound: Callable  # (a, b, e) -> the radius of a sphere around its centre that holds it
     sdf: Callable  # (x, y, z in its upright frame, rho = sqrt(x^2 + y^2), a, b, e) -> distance
 
 
 # One entry per kind; the index is the kind integer stored in objects (0 sphere ... 5 capsule).
-# name, ranges of the parameters, half height, radius, bounding radius, distance
 SHAPES = (
-    Shape("sphere", ((1.0, 0.0),), "a", "a", "a", sphere_sdf),
-    Shape("box", ((0.55, 0.35),) * 3, "e", "hypot(a, b)", "norm(a, b, e)", box_sdf),
-    Shape("cylinder", ((0.6, 0.25), (0.55, 0.35)), "b", "a", "hypot(a, b)", cylinder_sdf),
-    Shape("cone", ((0.7, 0.25), (0.65, 0.3)), "b", "a", "hypot(a, b)", cone_sdf),
-    Shape("torus", ((0.7, 0.1), (0.25, 0.08)), "b", "a + b", "a + b", torus_sdf),
-    Shape("capsule", ((0.4, 0.1), (0.35, 0.2)), "a + b", "a", "a + b", capsule_sdf),
+    Shape("sphere", lambda a, b, e: a, sphere_sdf),
+    Shape("box", lambda a, b, e: np.sqrt(a * a + b * b + e * e), box_sdf),
+    Shape("cylinder", lambda a, b, e: np.hypot(a, b), cylinder_sdf),
+    Shape("cone", lambda a, b, e: np.hypot(a, b), cone_sdf),
+    Shape("torus", lambda a, b, e: a + b, torus_sdf),
+    Shape("capsule", lambda a, b, e: a + b, capsule_sdf),
 )
 SHAPE_NAMES = tuple(shape.name for shape in SHAPES)
 
@@ -382,98 +369,163 @@ COLOURS = {
     "pink": (0.97, 0.45, 0.72),
 }
 PALETTE = torch.tensor(list(COLOURS.values()))  # (8,3)
-RELATIONS = ("on top of", "next to")
-MAX_PARTS = 4  # primitives per object
-EMPTY = -1  # the kind of an unused primitive slot in pack()
+EMPTY = -1  # the kind of an unused part slot in pack()
 
 # Lambert + ambient shading under one distant light, from above and a little to the side.
 AMBIENT = 0.55
 LIGHT = F.normalize(torch.tensor([0.35, 0.25, 1.0]), dim=0)
 
 
-def draw_part(rng):
-    """One primitive: kind, colour, size word, parameters, half height hz and horizontal radius hr."""
-    kind = rng.integers(len(SHAPES))
-    colour = rng.integers(len(COLOURS))
-    large = rng.random() < 0.5
-    s = rng.uniform(0.5, 0.62) if large else rng.uniform(0.28, 0.36)  # size
-    u = rng.uniform(size=3)
-    shape = SHAPES[kind]
-    p = [s * (low + span * x) for (low, span), x in zip(shape.ranges, u)]
-    p += [0] * (3 - len(p))  # the parameters a shape does not list are 0
-    extents = dict(hz=extent(shape.half_height, p), hr=extent(shape.radius, p))
-    return dict(kind=kind, colour=colour, large=large, params=p, **extents)
+@dataclass(frozen=True)
+class Part:
+    """One part of a recipe: a primitive, its nominal parameters (a, b, e) and centre in the
+    object's frame (+x is the front, +z up), its rotation, and which of the object's colours it
+    wears (0 = the first the caption names)."""
+
+    shape: str  # a name of SHAPE_NAMES
+    size: tuple  # (a, b, e), as its distance function reads them; world units
+    at: tuple  # (x, y, z) centre
+    turn: tuple = (0, 0, 0)  # rotation about x, then y, then z, degrees (90 about x: axis along y)
+    colour: int = 0
 
 
-def place_part(part, prev, rng):
-    """The centre of `part` and its relation to the previous primitive: on top of it (within 0.05 of
-    its axis), or next to it (5% into it, so they touch) on the same ground."""
-    if rng.random() < 0.5:
-        lift = prev["hz"] + part["hz"]
-        return prev["centre"] + np.r_[rng.uniform(-0.05, 0.05, 2), lift], RELATIONS[0]
-    phi = rng.uniform(0, 2 * np.pi)
-    side = np.r_[np.cos(phi), np.sin(phi), 0] * 0.95 * (prev["hr"] + part["hr"])
-    return prev["centre"] + side + np.r_[0, 0, part["hz"] - prev["hz"]], RELATIONS[1]
+def four(part):
+    """A part and its mirror images across the x = 0 and y = 0 planes (legs, wheels, fins)."""
+    x, y, z = part.at
+    return [dataclasses.replace(part, at=(sx * x, sy * y, z)) for sx in (1, -1) for sy in (1, -1)]
 
 
-def centre_and_fit(kinds, params, centres):
-    """Centre the box around the primitives' bounding spheres on the origin -> centres (N,3), and the
-    scale (at most 1) that fits the object in a sphere of radius FRAME_FILL."""
-    bound = np.array([extent(SHAPES[k].bound, p) for k, p in zip(kinds, params)], np.float32)
-    centres -= ((centres - bound[:, None]).min(0) + (centres + bound[:, None]).max(0)) / 2
-    scale = min(1.0, FRAME_FILL / (np.linalg.norm(centres, axis=1) + bound).max())
-    return centres, scale
+@dataclass(frozen=True)
+class Category:
+    """A named kind of thing: a recipe of parts and the caption its colours fill in."""
+
+    name: str
+    caption: str  # "a {0} mug with a {1} handle": {k} is the k-th colour's name
+    parts: tuple
+    asymmetric: bool  # looks different from the front and from behind
 
 
-def caption_of(parts):
-    """The caption, last primitive first: 'a small red cone on top of a large blue box next to ...'."""
-    words = []
-    for p in parts:
-        size = "large" if p["large"] else "small"
-        words.append(f"a {size} {list(COLOURS)[p['colour']]} {SHAPES[p['kind']].name}")
-    relations = [p["relation"] for p in parts[1:]]
-    return words[-1] + "".join(f" {r} {w}" for r, w in zip(relations[::-1], words[-2::-1]))
+# One entry per category. The first six are the default 3D categories (3 asymmetric, 3 not).
+CATEGORIES = (
+    Category("mug", "a {0} mug with a {1} handle", (
+        Part("cylinder", (0.3, 0.36, 0), (-0.1, 0, 0)),
+        Part("torus", (0.2, 0.065, 0), (0.2, 0, 0), (90, 0, 0), 1)), True),
+    Category("table", "a {0} table with {1} legs", (
+        Part("box", (0.5, 0.5, 0.05), (0, 0, 0.22)),
+        *four(Part("cylinder", (0.05, 0.26, 0), (0.4, 0.4, -0.08), colour=1))), False),
+    Category("car", "a {0} car with a {1} cabin and {2} wheels", (
+        Part("box", (0.6, 0.3, 0.14), (0, 0, -0.04)),
+        Part("box", (0.26, 0.26, 0.14), (-0.16, 0, 0.22), colour=1),
+        *four(Part("cylinder", (0.15, 0.06, 0), (0.36, 0.3, -0.2), (90, 0, 0), 2))), True),
+    Category("tree", "a {0} tree with a {1} trunk", (
+        Part("cone", (0.42, 0.42, 0), (0, 0, 0.22)),
+        Part("cylinder", (0.09, 0.26, 0), (0, 0, -0.42), colour=1)), False),
+    Category("chair", "a {0} chair with {1} legs", (
+        Part("box", (0.32, 0.32, 0.05), (0, 0, -0.02)),
+        Part("box", (0.05, 0.32, 0.32), (-0.28, 0, 0.34)),
+        *four(Part("cylinder", (0.045, 0.24, 0), (0.26, 0.26, -0.28), colour=1))), True),
+    Category("mushroom", "a {0} mushroom with a {1} stem", (
+        Part("cone", (0.5, 0.2, 0), (0, 0, 0.2)),
+        Part("cylinder", (0.14, 0.3, 0), (0, 0, -0.22), colour=1)), False),
+    Category("house", "a {0} house with a {1} roof and a {2} door", (
+        Part("box", (0.42, 0.42, 0.3), (0, 0, -0.2)),
+        Part("cone", (0.62, 0.28, 0), (0, 0, 0.38), colour=1),
+        Part("box", (0.04, 0.12, 0.18), (0.42, 0, -0.32), colour=2)), True),
+    Category("duck", "a {0} duck with a {1} beak", (
+        Part("capsule", (0.26, 0.16, 0), (-0.08, 0, -0.2), (0, 90, 0)),
+        Part("sphere", (0.18, 0, 0), (0.2, 0, 0.2)),
+        Part("cone", (0.08, 0.12, 0), (0.46, 0, 0.18), (0, 90, 0), 1)), True),
+    Category("snowman", "a {0} snowman with a {1} nose and a {2} hat", (
+        Part("sphere", (0.32, 0, 0), (0, 0, -0.36)),
+        Part("sphere", (0.22, 0, 0), (0, 0, 0.12)),
+        Part("cone", (0.06, 0.14, 0), (0.32, 0, 0.14), (0, 90, 0), 1),
+        Part("cylinder", (0.16, 0.1, 0), (0, 0, 0.42), colour=2)), True),
+    Category("teapot", "a {0} teapot with a {1} spout and lid", (
+        Part("sphere", (0.34, 0, 0), (0, 0, -0.08)),
+        Part("cylinder", (0.06, 0.2, 0), (0.4, 0, 0.06), (0, 50, 0), 1),
+        Part("torus", (0.17, 0.05, 0), (-0.36, 0, -0.04), (90, 0, 0)),
+        Part("cone", (0.14, 0.1, 0), (0, 0, 0.34), colour=1)), True),
+    Category("fish", "a {0} fish with a {1} tail", (
+        Part("capsule", (0.2, 0.28, 0), (0.12, 0, 0), (0, 90, 0)),
+        Part("cone", (0.22, 0.12, 0), (-0.46, 0, 0), (0, 90, 0), 1)), True),
+    Category("hammer", "a {0} hammer with a {1} handle", (
+        Part("box", (0.3, 0.1, 0.1), (0.12, 0, 0.42)),
+        Part("cylinder", (0.05, 0.46, 0), (0, 0, -0.08), colour=1)), True),
+    Category("bed", "a {0} bed with a {1} headboard", (
+        Part("box", (0.56, 0.34, 0.1), (0.06, 0, -0.1)),
+        Part("box", (0.05, 0.34, 0.3), (-0.52, 0, 0.04), colour=1)), True),
+    Category("rocket", "a {0} rocket with {1} fins", (
+        Part("cylinder", (0.16, 0.4, 0), (0, 0, -0.06)),
+        Part("cone", (0.16, 0.2, 0), (0, 0, 0.54)),
+        *four(Part("box", (0.1, 0.1, 0.12), (0.14, 0.14, -0.36), (0, 0, 45), 1))), False),
+    Category("dumbbell", "a {0} dumbbell with a {1} bar", (
+        Part("cylinder", (0.05, 0.42, 0), (0, 0, 0), (90, 0, 0), 1),
+        Part("cylinder", (0.22, 0.08, 0), (0, 0.4, 0), (90, 0, 0)),
+        Part("cylinder", (0.22, 0.08, 0), (0, -0.4, 0), (90, 0, 0))), False),
+    Category("lamp", "a {0} lamp with a {1} stand", (
+        Part("cone", (0.32, 0.2, 0), (0, 0, 0.36)),
+        Part("cylinder", (0.035, 0.36, 0), (0, 0, -0.1), colour=1),
+        Part("cylinder", (0.24, 0.04, 0), (0, 0, -0.46), colour=1)), False),
+)  # fmt: skip
+CATEGORY_NAMES = tuple(c.name for c in CATEGORIES)
+MAX_PARTS = max(len(c.parts) for c in CATEGORIES)
 
 
-def make_object(seed):
-    """One object from a seed: 1-4 upright primitives in a chain, each placed relative to the
-    previous one, and the caption that this structure implies. Returns dict of numpy arrays."""
+def rotation(turn_deg):
+    """Rotation matrix of turns about x, then y, then z (degrees) -> (3,3)."""
+    ax, ay, az = np.deg2rad(turn_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def caption_of(category, colours):
+    """The category's caption with its colours' names, and "an" before a vowel."""
+    text = category.caption.format(*[list(COLOURS)[c] for c in colours])
+    return re.sub(r"\ba ([aeiou])", r"an \1", text)
+
+
+def make_object(seed, category):
+    """One object of CATEGORIES[category] from a seed: each part's parameters within +-15% of the
+    recipe's, distinct colours for the recipe's colour slots, the whole object turned by a random
+    angle about z, centred and scaled to fill the frame. -> dict of numpy arrays and the caption."""
     rng = np.random.default_rng(seed)
-    parts = []
-    for _ in range(rng.choice(MAX_PARTS, p=[0.35, 0.35, 0.2, 0.1]) + 1):  # 1-4 primitives
-        part = draw_part(rng)
-        if parts:
-            part["centre"], part["relation"] = place_part(part, parts[-1], rng)
-        else:
-            part["centre"] = np.zeros(3)  # the first one stands at the origin
-        part["yaw"] = rng.uniform(0, 2 * np.pi)
-        parts.append(part)
-    kinds = np.array([p["kind"] for p in parts])
-    params = np.array([p["params"] for p in parts], np.float32)
-    centres = np.array([p["centre"] for p in parts], np.float32)
-    centres, scale = centre_and_fit(kinds, params, centres)
+    recipe = CATEGORIES[category]
+    n_colours = 1 + max(p.colour for p in recipe.parts)
+    colours = rng.choice(len(COLOURS), n_colours, replace=False)
+    jitter = rng.uniform(0.85, 1.15, (len(recipe.parts), 3))  # (P,3) proportions
+    params = np.array([p.size for p in recipe.parts]) * jitter
+    facing = rotation((0, 0, rng.uniform(0, 360)))  # the object's turn about z
+    rot = np.stack([facing @ rotation(p.turn) for p in recipe.parts])  # (P,3,3)
+    centres = np.array([p.at for p in recipe.parts]) @ facing.T
+    kinds = np.array([SHAPE_NAMES.index(p.shape) for p in recipe.parts])
+    bound = np.array([SHAPES[k].bound(*p) for k, p in zip(kinds, params)])
+    # centre the box around the parts' bounding spheres, scale it to fill a sphere of FRAME_FILL
+    centres -= ((centres - bound[:, None]).min(0) + (centres + bound[:, None]).max(0)) / 2
+    scale = FRAME_FILL / (np.linalg.norm(centres, axis=1) + bound).max()
     return dict(
         kind=kinds,
-        colour=np.array([p["colour"] for p in parts]),
-        params=params * scale,
-        centre=centres * scale,
-        yaw=np.array([p["yaw"] for p in parts], np.float32),
-        caption=caption_of(parts),
+        colour=colours[[p.colour for p in recipe.parts]],
+        params=(params * scale).astype(np.float32),
+        centre=(centres * scale).astype(np.float32),
+        rot=rot.astype(np.float32),
+        caption=caption_of(recipe, colours),
+        category=recipe.name,
+        slots=colours,  # the colour of each role, in the order the caption names them
     )
 
 
 # ----------------------------------------------------------------------------- the exact renderer
-
-
 def pack(objects):
-    """List of objects -> tensors padded to MAX_PARTS primitives (kind EMPTY = none)."""
+    """List of objects -> tensors padded to MAX_PARTS parts (kind EMPTY = none)."""
     n = len(objects)
     out = dict(
         kind=torch.full((n, MAX_PARTS), EMPTY),
         colour=torch.zeros(n, MAX_PARTS, dtype=torch.long),
         params=torch.zeros(n, MAX_PARTS, 3),
         centre=torch.zeros(n, MAX_PARTS, 3),
-        yaw=torch.zeros(n, MAX_PARTS),
+        rot=torch.eye(3).repeat(n, MAX_PARTS, 1, 1),
     )
     for i, o in enumerate(objects):
         for key in out:
@@ -482,42 +534,39 @@ def pack(objects):
 
 
 def pair_up(obj, packed):
-    """The real (ray, primitive) pairs for rays of objects obj (R,) (non-decreasing: rays come object by
-    object), sorted by primitive kind so each SDF formula runs on one contiguous slice, no padding."""
+    """The real (ray, part) pairs for rays of objects obj (R,) (non-decreasing: rays come object by
+    object), sorted by primitive kind so each SDF formula runs on one contiguous slice,
+    no padding."""
     n_rays = torch.bincount(obj, minlength=len(packed["kind"]))  # rays per object
     start = torch.cumsum(n_rays, 0) - n_rays
-    o, slot = (packed["kind"] != EMPTY).nonzero(as_tuple=True)  # existing primitives
+    o, slot = (packed["kind"] != EMPTY).nonzero(as_tuple=True)  # existing parts
     k, order = packed["kind"][o, slot].sort(stable=True)
     o, slot = o[order], slot[order]
     reps = n_rays[o]  # each pairs with its object's rays
-    # pair j of primitive i is ray start[o[i]] + j: count all pairs, less those before primitive i
+    # pair j of part i is ray start[o[i]] + j: count all pairs, less those before part i
     first = start[o] - (torch.cumsum(reps, 0) - reps)
     ray = torch.repeat_interleave(first, reps) + torch.arange(int(reps.sum()))
-    yaw = packed["yaw"][o, slot]
-    per_primitive = dict(cos=yaw.cos(), sin=yaw.sin(), centre=packed["centre"][o, slot])
-    per_primitive.update(params=packed["params"][o, slot], colour=packed["colour"][o, slot])
+    per_part = {key: packed[key][o, slot] for key in ("rot", "centre", "params", "colour")}
     counts = torch.bincount(k, weights=reps, minlength=len(SHAPES)).long().tolist()  # per kind
-    pairs = {key: torch.repeat_interleave(x, reps, dim=0) for key, x in per_primitive.items()}
+    pairs = {key: torch.repeat_interleave(x, reps, dim=0) for key, x in per_part.items()}
     return dict(ray=ray, n=len(obj), counts=counts, **pairs)
 
 
 def pair_sdf(points, pr):
-    """Signed distance of each pair's point to its primitive, in the primitive's upright frame:
-    the pairs come sorted by kind, so each kind's distance runs on one slice (SHAPES[kind].sdf)."""
-    q = points[pr["ray"]] - pr["centre"]
-    c, s = pr["cos"], pr["sin"]
-    xs = (c * q[:, 0] + s * q[:, 1]).split(pr["counts"])
-    ys = (c * q[:, 1] - s * q[:, 0]).split(pr["counts"])
-    zs = q[:, 2].split(pr["counts"])
-    ps = pr["params"].split(pr["counts"])
+    """Signed distance of each pair's point to its part, in the part's own frame (the inverse
+    rotation of the offset from its centre): the pairs come sorted by kind, so each kind's
+    distance runs on one slice (SHAPES[kind].sdf)."""
+    q = torch.einsum("rij,ri->rj", pr["rot"], points[pr["ray"]] - pr["centre"])  # R^T (p - c)
     out = []
-    for shape, x, y, z, p in zip(SHAPES, xs, ys, zs, ps):
+    for shape, local, p in zip(SHAPES, q.split(pr["counts"]), pr["params"].split(pr["counts"])):
+        x, y, z = local.unbind(-1)
         out.append(shape.sdf(x, y, z, torch.sqrt(x * x + y * y), *p.unbind(-1)))
     return torch.cat(out)
 
 
 def scene_sdf(points, pr):
-    """Union of the primitives at points (R,3) -> distance (R,) and palette index of the nearest (R,)."""
+    """Union of the primitives at points (R,3)
+    -> distance (R,) and palette index of the nearest (R,)."""
     d = pair_sdf(points, pr)
     dist = torch.full((pr["n"],), float("inf")).scatter_reduce(0, pr["ray"], d, "amin")
     colour = torch.zeros(pr["n"], dtype=torch.long)
@@ -528,9 +577,10 @@ def scene_sdf(points, pr):
 
 @torch.no_grad()
 def render_views(packed, obj, c2w, K, res, supersample=2, steps=48, eps=1e-3):
-    """Exact renderer: sphere tracing, nearest primitive's colour, Lambert + ambient, white background.
-    obj (B,) object index per image, c2w (B,4,4), K (B,3,3) -> RGBA (B,4,res,res) in [0,1] (straight
-    alpha: RGB is the object's colour, A its coverage) and the hit points (B,res*ss,res*ss,3)."""
+    """Exact renderer: sphere tracing, nearest primitive's colour, Lambert + ambient, white
+    background. obj (B,) object index per image, c2w (B,4,4), K (B,3,3) -> RGBA (B,4,res,res)
+    in [0,1] (straight alpha: RGB is the object's colour, A its coverage) and
+    the hit points (B,res*ss,res*ss,3)."""
     B = len(obj)
     ss = supersample
     o, d = camera_rays(c2w, K, res * ss)  # normalised intrinsics serve any resolution
@@ -582,7 +632,8 @@ def surface_points(obj, n, res=64, seed=0):
     packed = pack([obj])
 
     def sdf(p):
-        """Distance (N,) to the object and palette index (N,) of the nearest primitive at p (N,3)."""
+        """Distance (N,) to the object and palette index (N,)
+        of the nearest primitive at p (N,3)."""
         return scene_sdf(p, pair_up(torch.zeros(len(p), dtype=torch.long), packed))
 
     v, f = extract_mesh(lambda p: -sdf(p)[0], res, 0.0, chunk=res**3)  # inside = negative distance
@@ -591,8 +642,6 @@ def surface_points(obj, n, res=64, seed=0):
 
 
 # ----------------------------------------------------------------------------- volume rendering
-
-
 def ray_box(o, d, bound=1.0):
     """Entry and exit distances of rays (R,3) through the box [-bound,bound]^3, and a hit mask."""
     inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
@@ -653,12 +702,11 @@ def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
 
 
 # ----------------------------------------------------------------------------- meshes and metrics
-
-
 @torch.no_grad()
 def extract_mesh(density_fn, res, level, chunk=2**16):
     """Evaluate density_fn (points (N,3) -> (N,)) on a res^3 grid over [-1,1]^3 in chunks, then
-    marching cubes (scikit-image, Lewiner) at `level` -> vertices (V,3) in world units, faces (F,3)."""
+    marching cubes (scikit-image, Lewiner) at `level` -> vertices (V,3) in world units,
+    faces (F,3)."""
     from skimage.measure import marching_cubes
 
     g = torch.linspace(-1, 1, res)
@@ -696,7 +744,8 @@ def write_ply(path, v, f, rgb):
     head = (
         f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\nproperty float x\n"
         "property float y\nproperty float z\nproperty uchar red\nproperty uchar green\n"
-        f"property uchar blue\nelement face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n"
+        f"property uchar blue\nelement face {len(f)}\n"
+        "property list uchar int vertex_indices\nend_header\n"
     ).encode()
     vert = np.zeros(len(v), dtype=[("p", "<f4", 3), ("c", "u1", 3)])
     vert["p"], vert["c"] = v.numpy(), (rgb.clamp(0, 1) * 255 + 0.5).byte().numpy()
@@ -706,7 +755,8 @@ def write_ply(path, v, f, rgb):
 
 
 def chamfer_fscore(pred, gt, tau=0.05):
-    """Chamfer-L1 (mean of the two directed mean distances) and F-score at tau, points (N,3), (M,3)."""
+    """Chamfer-L1 (mean of the two directed mean distances) and F-score at tau,
+    points (N,3), (M,3)."""
 
     def nearest_distances(a, b):
         """For each point of a, the distance to the nearest point of b, 2048 rows at a time."""
@@ -724,7 +774,8 @@ METRIC_KEYS = ("psnr", "ssim", "color_err", "chamfer_l1", "fscore")  # every met
 
 
 def print_table(rows):
-    """Rows of metrics ({name: {key: value}}) as an aligned table; '-' where a key does not apply."""
+    """Rows of metrics ({name: {key: value}}) as an aligned table;
+    '-' where a key does not apply."""
     keys = [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
     print(f"{'row':28s}" + "".join(f"{k:>11s}" for k in keys))
     for name, r in rows.items():
@@ -732,11 +783,10 @@ def print_table(rows):
 
 
 # ----------------------------------------------------------------------------- object folders
-
-
-def write_object(folder, views, c2w, K, prompt, surface=None):
+def write_object(folder, views, c2w, K, prompt, surface=None, info=None):
     """One object folder, written under a temporary name and renamed when complete.
-    views (V,3|4,H,W) in [0,1]; surface = (points (N,3), colours (N,3)) for real assets."""
+    views (V,3|4,H,W) in [0,1]; for real assets, surface = (points (N,3), colours (N,3)) and
+    info = what object.json records (the category)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -747,6 +797,8 @@ def write_object(folder, views, c2w, K, prompt, surface=None):
     (tmp / "prompt.txt").write_text(prompt + "\n")
     if surface is not None:
         save_tensors(tmp / "surface.safetensors", {"points": surface[0], "colors": surface[1]})
+    if info is not None:
+        (tmp / "object.json").write_text(json.dumps(info) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -777,43 +829,57 @@ def load_object(folder, res=None, views=None):
 
 
 # ----------------------------------------------------------------------------- stage 0
-
-SPLITS = ("train", "test", "images", "prompts")  # each owns a range of object seeds
-FOLDERS = {"train": "assets/train", "test": "assets/test", "images": "images"}  # under 0_data
+# Each split owns a range of object seeds; the real assets' splits are folders under assets/.
+SPLITS = ("train", "test_seen", "test_unseen", "images", "prompts", "sheet")
+ASSETS = ("train", "test_seen", "test_unseen")
 NOT_RECORDED = ("out", "device", "batch")  # fields that change no byte written
 
 
 def object_seed(cfg, split, i):
-    """Disjoint seed ranges per split (10M each, 100M per --seed): test objects appear nowhere else."""
+    """Disjoint seed ranges per split (10M each, 100M per --seed):
+    test objects appear nowhere else."""
     return cfg.seed * 100_000_000 + SPLITS.index(split) * 10_000_000 + i
 
 
-def caption_of_seed(cfg, split, i):
-    """The caption of object i of a split."""
-    return make_object(object_seed(cfg, split, i))["caption"]
+def split_categories(cfg, split):
+    """The categories a split draws from, as indices of CATEGORIES: the 3D categories for the
+    training and seen test assets, the others for the unseen ones, all of them for the rest."""
+    if split in ("train", "test_seen"):
+        return list(range(cfg.categories_3d))
+    if split == "test_unseen":
+        return list(range(cfg.categories_3d, len(CATEGORIES)))
+    return list(range(len(CATEGORIES)))
+
+
+def world_object(cfg, split, i):
+    """Object i of a split: its categories in turn, so every one is represented."""
+    cats = split_categories(cfg, split)
+    return make_object(object_seed(cfg, split, i), cats[i % len(cats)])
 
 
 def is_complete(root, i, views):
-    """Whether object `i` is on disk in `root`: its image (views None), or every file of its folder."""
+    """Whether object `i` is on disk in `root`:
+    its image (views None), or every file of its folder."""
     if views is None:
         return (root / f"{i}.png").is_file()
-    need = [f"{k:03d}.png" for k in range(views)]
-    need += ["cameras.safetensors", "prompt.txt", "surface.safetensors"]
+    need = [f"{k:03d}.png" for k in range(views)] + ["cameras.safetensors", "prompt.txt"]
+    need += ["surface.safetensors", "object.json"]
     return all((root / i / n).is_file() for n in need)
 
 
 def render_split(cfg, split, root):
-    """Render the orbit assets (train/test) or the single images that are missing -> (count, rendered)."""
+    """Render the real assets of a split or the single images that are missing
+    -> (count, rendered)."""
     views = None if split == "images" else cfg.views
-    ids = [f"{i:05d}" for i in range(getattr(cfg, "n_" + split))]  # n_train, n_test, n_images
+    ids = [f"{i:05d}" for i in range(getattr(cfg, "n_" + split))]  # n_train, ..., n_images
     todo = [i for i in ids if not is_complete(root, i, views)]
     c2w, K = orbit(views or 1)
     V = len(c2w)
     per = max(1, cfg.batch // V)  # objects per batch
     batches = range(0, len(todo), per)
-    for start in progress(batches, desc=f"stage 0 {split:6s}", unit="batch", disable=not todo):
+    for start in progress(batches, desc=f"stage 0 {split:11s}", unit="batch", disable=not todo):
         chunk = todo[start : start + per]
-        objs = [make_object(object_seed(cfg, split, int(i))) for i in chunk]
+        objs = [world_object(cfg, split, int(i)) for i in chunk]
         owner = torch.arange(len(chunk)).repeat_interleave(V)  # the object of each image
         c2ws, Ks = c2w.repeat(len(chunk), 1, 1), K.repeat(len(chunk), 1, 1)
         rgba, _ = render_views(
@@ -822,32 +888,80 @@ def render_split(cfg, split, root):
         for j, (i, o) in enumerate(zip(chunk, objs)):
             if views is None:
                 save_png(root / f"{i}.png", rgba[j])
-            else:
-                surf = surface_points(o, cfg.surface_points, seed=object_seed(cfg, split, int(i)))
-                write_object(root / i, rgba[j * V : (j + 1) * V], c2w, K, o["caption"], surf)
+                continue
+            surf = surface_points(o, cfg.surface_points, seed=object_seed(cfg, split, int(i)))
+            info = dict(category=o["category"], split=split)
+            write_object(root / i, rgba[j * V : (j + 1) * V], c2w, K, o["caption"], surf, info)
     if views is None:
-        captions = [f"{i}\t{caption_of_seed(cfg, split, int(i))}\n" for i in ids]
+        captions = [f"{i}\t{world_object(cfg, split, int(i))['caption']}\n" for i in ids]
         write_text(root / "captions.txt", "".join(captions))
     return len(ids), len(todo)
 
 
-def contact_sheet(path, folders, scale=3):
-    """preview.png: one row per asset (its orbit views, enlarged) with the caption beneath."""
-    rows = [load_object(f) for f in folders]
-    V = rows[0]["images"].shape[0]
-    H = rows[0]["images"].shape[-1] * scale
-    sheet = Image.new("RGB", (max(V * H, 360), len(rows) * (H + 14)), "white")
+def image_sheet(path, rows, labels, scale=3, left=0, below=0):
+    """A PNG grid: rows of images (each (N,3,H,W) in [0,1]), enlarged `scale` times, each row's
+    label at its left (a `left` pixels wide column) or below it (a `below` pixels high band)."""
+    H = rows[0].shape[-1] * scale
+    width = max(left + max(len(r) for r in rows) * H, 360)
+    sheet = Image.new("RGB", (width, len(rows) * (H + below)), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, ob in enumerate(rows):
-        for v, img in enumerate(ob["images"]):
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        top = r * (H + below)
+        for c, img in enumerate(images):
             im = Image.fromarray((img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
-            sheet.paste(im.resize((H, H), Image.NEAREST), (v * H, r * (H + 14)))
-        draw.text((2, r * (H + 14) + H), ob["prompt"], fill="black")
+            sheet.paste(im.resize((H, H), Image.NEAREST), (left + c * H, top))
+        draw.text((2, top + H) if below else (4, top + H // 2 - 6), label, fill="black")
     atomic_write(path, lambda t: sheet.save(t, format="PNG"))
 
 
+def contact_sheet(path, folders):
+    """preview.png: one row per asset (its orbit views) with the caption beneath."""
+    objs = [load_object(f) for f in folders]
+    image_sheet(path, [o["images"] for o in objs], [o["prompt"] for o in objs], below=14)
+
+
+def category_sheet(cfg, path, per_row=8):
+    """categories.png: one row per category (the 3D ones marked *), per_row random instances of
+    it from their input view, at the world's resolution."""
+    c2w, K = orbit(1)
+    n = len(CATEGORIES) * per_row
+    objs = [make_object(object_seed(cfg, "sheet", i), i // per_row) for i in range(n)]
+    cams = (c2w.expand(n, 4, 4), K.expand(n, 3, 3))
+    rgba, _ = render_views(pack(objs), torch.arange(n), *cams, cfg.res)
+    rgb = (rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:]).split(per_row)  # on white
+    labels = [c.name + (" *" if k < cfg.categories_3d else "") for k, c in enumerate(CATEGORIES)]
+    image_sheet(path, rgb, labels, scale=2, left=90)
+
+
+def test_folders(data, n=None):
+    """The held-out real assets: the first n (all when None) of test_seen, then of test_unseen."""
+    folders = []
+    for split in ("test_seen", "test_unseen"):
+        root = Path(data) / "assets" / split
+        found = sorted(p for p in root.glob("*/000.png")) if root.is_dir() else []
+        folders += [p.parent for p in found][:n]
+    return folders
+
+
+def split_of(folder):
+    """ "seen" or "unseen": whether a held-out asset's category has 3D training assets."""
+    return Path(folder).parent.name.removeprefix("test_")
+
+
+def rows_by_split(folders, score):
+    """metrics.json's shape (DESIGN.md): score(indices into folders) -> rows, over all held-out
+    assets and over the seen and the unseen categories apart."""
+    out = {"rows": score(list(range(len(folders)))), "splits": {}}
+    for split in ("seen", "unseen"):
+        idx = [i for i, f in enumerate(folders) if split_of(f) == split]
+        if idx:
+            out["splits"][split] = {"n_objects": len(idx), "rows": score(idx)}
+    return out
+
+
 def check_out(cfg, root):
-    """Refuse an --out that is a file, or whose 0_data another config wrote -> the config to record."""
+    """Refuse an --out that is a file, or whose 0_data another config wrote
+    -> the config to record."""
     if Path(cfg.out).is_file() or root.is_file():
         raise DataError(f"{cfg.out}: is a file, not a folder; pick another --out")
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECORDED}
@@ -857,14 +971,17 @@ def check_out(cfg, root):
 
 
 def write_preview_and_meta(cfg, root, conf, seconds):
-    """preview.png of the first training assets, then meta.json: the mark of a finished stage 0."""
+    """preview.png of the first training assets and categories.png, then meta.json: the mark of
+    a finished stage 0, with the categories and which of them have 3D assets."""
     contact_sheet(root / "preview.png", sorted((root / "assets/train").iterdir())[:8])
+    category_sheet(cfg, root / "categories.png")
     meta = dict(stage="render", preset=cfg.preset, config=conf, world_version=WORLD_VERSION)
     meta["seconds"] = round(seconds, 1)
     meta["versions"] = dict(torch=torch.__version__, numpy=np.__version__)
-    meta.update(elevation=ELEVATION, radius=RADIUS, fov=FOV)
-    counts = dict(train=cfg.n_train, test=cfg.n_test, images=cfg.n_images, prompts=cfg.n_prompts)
-    meta["counts"] = counts
+    meta.update(elevation=ELEVATION, radius=RADIUS, fov=FOV, categories=CATEGORY_NAMES)
+    meta["categories_3d"] = CATEGORY_NAMES[: cfg.categories_3d]
+    meta["asymmetric"] = [c.name for c in CATEGORIES if c.asymmetric]
+    meta["counts"] = {split: getattr(cfg, "n_" + split) for split in (*ASSETS, "images", "prompts")}
     save_json(root / "meta.json", meta)
 
 
@@ -873,8 +990,10 @@ def print_summary(cfg, root, counts, seconds):
     setup = f"world v{WORLD_VERSION}, preset {cfg.preset}, {cfg.res}x{cfg.res}, {cfg.views} views"
     print(f"\nstage 0 done in {seconds:.0f} s  ({setup})")
     for split, (n, new) in counts.items():
-        print(f"  {split:7s} {n:6d} objects  ({new} rendered now, {n - new} already complete)")
-    print(f"  prompts {cfg.n_prompts:6d} captions -> {root / 'prompts.txt'}")
+        print(f"  {split:11s} {n:6d} objects  ({new} rendered now, {n - new} already complete)")
+    print(f"  prompts     {cfg.n_prompts:6d} captions -> {root / 'prompts.txt'}")
+    seen = ", ".join(CATEGORY_NAMES[: cfg.categories_3d])
+    print(f"  3D assets of {seen}; images and prompts of all {len(CATEGORIES)} categories")
     images, preview = root / "images", root / "preview.png"
     print(f"  assets -> {root / 'assets'}   images -> {images}   preview -> {preview}")
     print("next: python finetune_video.py")
@@ -886,9 +1005,12 @@ def main():
     cfg = parse_config(Config, PRESETS)
     root = Path(cfg.out) / "0_data"
     conf = check_out(cfg, root)
+    if not 1 <= cfg.categories_3d < len(CATEGORIES):
+        raise DataError(f"--categories_3d {cfg.categories_3d}: pick 1 to {len(CATEGORIES) - 1}")
     t0 = time.time()
-    counts = {split: render_split(cfg, split, root / sub) for split, sub in FOLDERS.items()}
-    prompts = (caption_of_seed(cfg, "prompts", i) + "\n" for i in range(cfg.n_prompts))
+    counts = {split: render_split(cfg, split, root / "assets" / split) for split in ASSETS}
+    counts["images"] = render_split(cfg, "images", root / "images")
+    prompts = (world_object(cfg, "prompts", i)["caption"] + "\n" for i in range(cfg.n_prompts))
     write_text(root / "prompts.txt", "".join(prompts))
     seconds = time.time() - t0
     if any(new for _, new in counts.values()) or not (root / "meta.json").is_file():

@@ -38,5 +38,5 @@ python generate_views.py $args                 # stage 2: prompts -> synthetic m
 python train_lrm.py $args                      # stage 3: LRM on the synthetic views       = experiment (B)
 python finetune_3d.py $args                    # stage 4: fine-tune on the real assets     = experiment (C)
 python finetune_3d.py $args --from_scratch     # the same LRM on the real assets alone     = experiment (A)
-python infer.py $args --image "$out/0_data/assets/test/00000/000.png" --name demo   # stage 5: one image -> mesh
+python infer.py $args --image "$out/0_data/assets/test_unseen/00000/000.png" --name demo   # stage 5: one image -> mesh
 python infer.py $args --table                  # the comparison table in $out/table/

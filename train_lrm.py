@@ -6,11 +6,11 @@ resolution), an image-level loss (--w_ssim; SSIM stands in for LPIPS, which need
 weights), an opacity loss against the object mask (--w_mask), noise on the source camera
 (--cam_noise), and the pixel loss as an option (--w_pixel, off for synthetic data as in the paper).
 
-Reads:  out/2_views/<id>/ (or any folder of object folders, --data), out/0_data/assets/test/
+Reads:  out/2_views/<id>/ (or any folder of object folders, --data), out/0_data/assets/test_*/
 Writes: out/3_lrm/lrm.safetensors, lrm_state.safetensors (for --resume), samples/, metrics.json,
         meta.json
-Run:    python train_lrm.py                                   (tiny: about 15 minutes on 2 CPU cores)
-        python train_lrm.py --preset micro --out /tmp/run      (seconds)
+Run:    python train_lrm.py                                  (tiny: about 15 minutes on 2 CPU cores)
+        python train_lrm.py --preset micro --out /tmp/run    (seconds)
         torchrun --nproc_per_node=4 train_lrm.py --preset small --device cuda
 """
 
@@ -26,9 +26,8 @@ import torch.nn.functional as F
 import model
 import render
 
+
 # ----------------------------------------------------------------------------- config
-
-
 @dataclasses.dataclass
 class Config:
     preset: str = "tiny"  # micro | tiny | small | paper
@@ -135,10 +134,11 @@ def check_data(folder, preset, hint, required):
         )
 
 
-def load_set(folder, res, hint, limit=None):
-    """Every object folder under `folder` -> dict of tensors: images (N,V,3,H,W) in [0,1] on white,
-    masks (N,V,1,H,W) (alpha where known, else the non-white pixels), c2w (N,V,4,4), K (N,V,3,3)."""
-    dirs = sorted(p.parent for p in Path(folder).glob("*/000.png") if p.is_file())[:limit]
+def load_set(folder, res, hint, limit=None, dirs=None):
+    """Every object folder under `folder` (or the list dirs) -> dict of tensors: images
+    (N,V,3,H,W) in [0,1] on white, masks (N,V,1,H,W) (alpha where known, else the non-white
+    pixels), c2w (N,V,4,4), K (N,V,3,3)."""
+    dirs = dirs or sorted(p.parent for p in Path(folder).glob("*/000.png") if p.is_file())[:limit]
     if not dirs:
         raise render.DataError(
             f"{folder}: no object folders (000.png, cameras.safetensors, ...); run `{hint}` first"
@@ -222,7 +222,8 @@ def build(cfg, job, hint):
     res = render.read_meta(Path(cfg.out) / "0_data", "python render.py")["config"]["res"]
     check_data(job.data, cfg.preset, hint, required=not cfg.data)
     data = load_set(job.data, res, hint, cfg.max_objects or None)
-    test = load_set(Path(cfg.out) / "0_data/assets/test", res, "python render.py", cfg.n_eval)
+    held_out = render.test_folders(Path(cfg.out) / "0_data", cfg.n_eval)  # seen, then unseen
+    test = load_set(Path(cfg.out) / "0_data/assets", res, "python render.py", dirs=held_out)
     lrm = model.LRM(lrm_config(cfg, res))
     if cfg.init:
         init, _ = model.load_lrm(cfg.init, "python train_lrm.py")
@@ -271,8 +272,6 @@ def resume(cfg, job, lrm, opt):
 
 
 # ----------------------------------------------------------------------------- loop
-
-
 def loss_fn(cfg, lrm, b, device):
     """Pixel + image-level (SSIM) + opacity losses on the rendered targets -> total, parts."""
     inputs = [b[k].to(device) for k in ("src", "cam", "c2w", "K")]
@@ -364,15 +363,15 @@ def finish(cfg, job, lrm, data, test, seconds):
     info = dict(stage=job.stage, steps=cfg.steps, data=str(job.data), n_objects=len(data["images"]))
     model.save_checkpoint(job.out / "lrm.safetensors", lrm.state_dict(), "lrm", lrm.config, **info)
     save_samples(job.out / "samples/final.png", lrm, test, job.device)
-    rows, _ = model.evaluate_lrm(lrm, test["dirs"], job.device, cfg.mesh_res, cfg.mesh_level)
+    scores, _ = model.evaluate_lrm(lrm, test["dirs"], job.device, cfg.mesh_res, cfg.mesh_level)
     head = dict(stage=job.stage, preset=cfg.preset)
     sizes = dict(n_objects=len(test["dirs"]), train_objects=len(data["images"]), steps=cfg.steps)
-    metrics = head | dict(seconds=round(seconds, 1)) | sizes | dict(rows=rows)
+    metrics = head | dict(seconds=round(seconds, 1)) | sizes | scores
     render.save_json(job.out / "metrics.json", metrics)
     made = dict(config=dataclasses.asdict(cfg), res=lrm.config.res)
     versions = dict(versions=dict(torch=torch.__version__), world_version=render.WORLD_VERSION)
     render.save_json(job.out / "meta.json", head | made | versions)
-    render.print_table(rows)
+    render.print_table(scores["rows"])
 
 
 def run(cfg, stage="train_lrm", hint="python generate_views.py"):

@@ -5,8 +5,8 @@
     python tests/compare_runs.py /tmp/before /tmp/after
 
 PNGs must be byte-identical; every tensor of every .safetensors file must agree to float rounding
-(--atol); numbers in metrics.json (but times) must agree to --atol as well. Files only one run has are listed.
-Exits 1 when anything differs, so it can gate a refactor.
+(--atol); numbers in metrics.json (but times) must agree to --atol as well. Files only one run has
+are listed. Exits 1 when anything differs, so it can gate a refactor.
 """
 
 import argparse

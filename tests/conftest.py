@@ -1,4 +1,5 @@
-"""Shared fixtures: one micro world per test session, and helpers to run the scripts as a student would."""
+"""Shared fixtures: one micro world per test session, and helpers to run the scripts as a
+student would."""
 
 import os
 import signal
@@ -43,7 +44,8 @@ def one_line_error(p):
 
 
 def kill_when(cmd, ready, timeout=120):
-    """Start `python cmd...` and SIGKILL it as soon as ready() is true (or after timeout seconds)."""
+    """Start `python cmd...` and SIGKILL it as soon as ready() is true
+    (or after timeout seconds)."""
     proc = subprocess.Popen(
         [sys.executable, *map(str, cmd)],
         cwd=ROOT,

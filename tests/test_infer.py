@@ -77,12 +77,12 @@ def test_scarce_step_trains_a_and_c_on_a_quarter_of_the_real_assets(pipeline):
 
 def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
     lrm, _ = model.load_lrm(pipeline / "4_finetune/lrm.safetensors", "x")
-    img = render.load_object(pipeline / "0_data/assets/test/00001")["images"][:1]
+    img = render.load_object(pipeline / "0_data/assets/test_unseen/00001")["images"][:1]
     with torch.no_grad():
         planes = lrm(img, model.camera_vector(model.CANONICAL[None], render.orbit(1)[1]))
         # untrained: pick a level with a surface
         level = lrm.field(planes, torch.rand(1, 4000, 3) * 2 - 1)[0].median().item()
-    image = pipeline / "0_data/assets/test/00001/000.png"
+    image = pipeline / "0_data/assets/test_unseen/00001/000.png"
     p = run_infer(pipeline, "--image", image, "--name", "t", "--mesh_level", level)
     folder = pipeline / "5_infer/t"
     for f in ("input.png", "mesh.obj", "mesh.ply", "turntable.gif", "views/000.png"):
@@ -121,15 +121,15 @@ def test_bad_inputs(pipeline, tmp_path):
     video = pipeline / "1_video/video_model.safetensors"
     p = run_infer(pipeline, "--image", tmp_path / "white.png", "--model", video, check=False)
     assert one_line_error(p) and "expected 'lrm'" in p.stderr
-    p = run_infer(pipeline, "--prompt", "a small shiny red cone", "--name", "txt")
+    p = run_infer(pipeline, "--prompt", "a shiny red mug with a blue handle", "--name", "txt")
     assert p.returncode == 0 and "warning: unknown words shiny" in p.stdout
     assert (pipeline / "5_infer/txt/mesh.obj").is_file()
 
 
 def test_eval_and_the_true_surface_against_itself(pipeline):
-    p = run_infer(pipeline, "--eval", pipeline / "0_data/assets/test", "--name", "ev")
+    p = run_infer(pipeline, "--eval", pipeline / "0_data/assets", "--name", "ev")
     rows = json.loads((pipeline / "5_infer/ev/metrics.json").read_text())["rows"]
     assert {"lrm", "sphere", "copy_input"} <= set(rows) and "chamfer_l1" in rows["lrm"]
     assert "lrm" in p.stdout
-    surf, _ = render.load_tensors(pipeline / "0_data/assets/test/00000/surface.safetensors")
+    surf, _ = render.load_tensors(pipeline / "0_data/assets/test_seen/00000/surface.safetensors")
     assert render.chamfer_fscore(surf["points"], surf["points"]) == (0.0, 1.0)

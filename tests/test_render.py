@@ -18,8 +18,9 @@ def sphere_object(r, centre=(0.0, 0.0, 0.0), colour=5):
         colour=np.array([colour]),
         params=np.array([[r, 0, 0]], np.float32),
         centre=np.array([centre], np.float32),
-        yaw=np.zeros(1, np.float32),
-        caption="a large blue sphere",
+        rot=np.eye(3, dtype=np.float32)[None],
+        caption="a blue sphere",
+        category="sphere",
     )
 
 
@@ -41,7 +42,7 @@ def test_orbit_cameras_look_at_origin_with_z_up():
 
 
 def test_projection_lands_on_the_pixel_the_renderer_draws():
-    obj = render.make_object(3)
+    obj = render.make_object(3, 2)
     c2w, K = render.orbit(4)
     res = 24
     rgba, pts = render.render_views(
@@ -169,31 +170,66 @@ def test_chamfer_and_fscore():
     assert 0 < cd <= 0.1 + 1e-6 and fs < 1
 
 
-def test_captions_name_the_actual_colours_and_shapes():
-    for seed in range(300):
-        o = render.make_object(seed)
+def test_captions_name_the_category_and_its_actual_colours():
+    names = list(render.COLOURS)
+    for seed in range(160):
+        o = render.make_object(seed, seed % len(render.CATEGORIES))
         words = o["caption"].split()
-        assert {w for w in words if w in render.COLOURS} == {
-            list(render.COLOURS)[c] for c in o["colour"]
-        }
-        assert {w for w in words if w in render.SHAPE_NAMES} == {
-            render.SHAPE_NAMES[k] for k in o["kind"]
-        }
-        assert (
-            sum(w in render.SHAPE_NAMES for w in words) == len(o["kind"])
-            and 1 <= len(o["kind"]) <= 4
-        )
-        assert {render.SHAPE_NAMES[k] for k in range(6)} >= {
-            render.SHAPE_NAMES[k] for k in o["kind"]
-        }
-    assert (
-        len({render.SHAPE_NAMES[k] for s in range(300) for k in render.make_object(s)["kind"]}) == 6
+        assert o["category"] in words
+        colour_words = [w for w in words if w in render.COLOURS]
+        assert set(colour_words) == {names[c] for c in o["colour"]}, "every colour worn is named"
+        # in the order of the recipe's colour roles (the first: the body's), each its own colour
+        assert colour_words == [names[c] for c in o["slots"]]
+        assert len(colour_words) == len(set(colour_words))
+        assert " a a" not in f" {o['caption']}" and " a o" not in f" {o['caption']}"
+
+
+def test_the_world_has_a_long_tail_of_categories():
+    cats = render.CATEGORIES
+    assert len(cats) >= 16 and len(set(render.CATEGORY_NAMES)) == len(cats)
+    assert sum(c.asymmetric for c in cats) >= len(cats) / 2
+    default = render.Config().categories_3d
+    assert default == 6 and sum(c.asymmetric for c in cats[:default]) >= 3
+    assert all(p.shape in render.SHAPE_NAMES for c in cats for p in c.parts)
+
+
+def test_a_turned_part_renders_as_the_part_it_turns_into():
+    # a box long along x, turned 90 degrees about z, is the same box long along y
+    def box(size, turn):
+        rot = render.rotation(turn).astype(np.float32)[None]
+        params = np.array([size], np.float32)
+        return dict(kind=np.array([1]), colour=np.array([2]), params=params, rot=rot,
+                    centre=np.zeros((1, 3), np.float32))  # fmt: skip
+
+    c2w, K = render.orbit(4)
+    owner = torch.zeros(4, dtype=torch.long)
+    turned, _ = render.render_views(
+        render.pack([box((0.5, 0.1, 0.2), (0, 0, 90))]), owner, c2w, K, 24
     )
+    plain, _ = render.render_views(
+        render.pack([box((0.1, 0.5, 0.2), (0, 0, 0))]), owner, c2w, K, 24
+    )
+    assert (turned - plain).abs().max() < 0.02
+
+
+def test_splits_keep_unseen_categories_out_of_3d_training():
+    cfg = render.Config()  # the tiny world
+    seen = set(render.CATEGORY_NAMES[: cfg.categories_3d])
+
+    def cats(split):
+        n = getattr(cfg, "n_" + split)
+        return [render.world_object(cfg, split, i)["category"] for i in range(n)]
+
+    assert set(cats("train")) == seen and set(cats("test_seen")) == seen
+    assert set(cats("test_unseen")) == set(render.CATEGORY_NAMES) - seen, "every unseen category"
+    assert len(cats("test_seen")) >= 30 and len(cats("test_unseen")) >= 30
+    images = {render.world_object(cfg, "images", i)["category"] for i in range(64)}
+    assert images == set(render.CATEGORY_NAMES), "the 2D data covers every category"
 
 
 def test_objects_fit_the_box_and_fill_the_frame():
     c2w, K = render.orbit(4)
-    objs = [render.make_object(s) for s in range(40)]
+    objs = [render.make_object(s, s % len(render.CATEGORIES)) for s in range(40)]
     rgba, pts = render.render_views(
         render.pack(objs),
         torch.arange(40).repeat_interleave(4),
@@ -221,11 +257,16 @@ def test_micro_dataset_follows_the_folder_contract(micro):
         and meta["preset"] == "micro"
         and meta["world_version"] == render.WORLD_VERSION
     )
-    train, test = (
-        sorted((root / "assets/train").iterdir()),
-        sorted((root / "assets/test").iterdir()),
-    )
-    assert len(train) == cfg.n_train and len(test) == cfg.n_test
+    train = sorted((root / "assets/train").iterdir())
+    test = render.test_folders(root)
+    assert len(train) == cfg.n_train and len(test) == cfg.n_test_seen + cfg.n_test_unseen
+    assert meta["categories"] == list(render.CATEGORY_NAMES)
+    assert meta["categories_3d"] == list(render.CATEGORY_NAMES[: cfg.categories_3d])
+    for folder in train + test:
+        category = json.loads((folder / "object.json").read_text())["category"]
+        assert (category in meta["categories_3d"]) == (render.split_of(folder) != "unseen")
+        assert category in (folder / "prompt.txt").read_text()
+    assert (root / "categories.png").is_file()
     for folder in train[:3] + test[:1]:
         ob = render.load_object(folder, cfg.res, cfg.views)
         assert ob["images"].shape == (cfg.views, 3, cfg.res, cfg.res)
@@ -252,9 +293,10 @@ def test_micro_dataset_follows_the_folder_contract(micro):
         for s, n in (("train", cfg.n_train), ("images", cfg.n_images), ("prompts", cfg.n_prompts))
         for i in range(n)
     }
-    assert not seeds & {render.object_seed(cfg, "test", i) for i in range(cfg.n_test)}, (
-        "test objects appear nowhere else"
-    )
+    held_out = {
+        render.object_seed(cfg, s, i) for s in ("test_seen", "test_unseen") for i in range(4)
+    }
+    assert not seeds & held_out, "test objects appear nowhere else"
     assert test_caps and (root / "preview.png").is_file()
 
 
@@ -278,7 +320,8 @@ def test_same_seed_same_bytes_and_rerun_completes(tmp_path, micro):
         for f, t in keep.items()
         if (b / f).stat().st_mtime_ns != t and not str(f).startswith("assets/train/00001")
     ]
-    assert changed in ([], ["preview.png"]), changed
+    # the two sheets are drawn again (the same bytes) when anything was rendered; nothing else
+    assert set(changed) <= {"preview.png", "categories.png"}, changed
 
 
 def test_bad_inputs_get_one_line_errors(tmp_path, micro):

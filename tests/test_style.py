@@ -30,9 +30,9 @@ def test_ruff_format_and_check_pass():
     assert checked.returncode == 0, f"`ruff check` found:\n{checked.stdout}{checked.stderr}"
 
 
-# finetune_video.py is over its budget (issue #19 stays open until it is not): strict, so this
-# test fails the day the file fits, and the mark has to go.
-OVER = {"finetune_video.py"}
+# Over their budgets (issue #19 stays open until they are not): finetune_video.py, and render.py
+# since world v2's categories. Strict, so this test fails the day a file fits: then drop its mark.
+OVER = {"finetune_video.py", "render.py"}
 
 
 @pytest.mark.parametrize(
