@@ -187,6 +187,14 @@ def reconstruct(cfg, lrm, name, img, device):
     planes = lrm(img[None].to(device), cam)  # (1,3,C,P,P)
     t1 = time.perf_counter()
     v, f, rgb = model.lrm_mesh(lrm, planes[0].float(), cfg.mesh_res, cfg.mesh_level)
+    if len(f) == 0:
+        # no surface: say so, with how dense the field gets (on a 16^3 grid) and what to try
+        g = torch.linspace(-1, 1, 16)
+        grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).view(1, -1, 3)
+        peak = lrm.field(planes, grid.to(device))[0].max().item()
+        why = f"the density peaks at {peak:.2f}, under --mesh_level {cfg.mesh_level}"
+        hint = f"an untrained model? pass --model, or try --mesh_level {peak / 2:.2f}"
+        print(f"warning: {name}: empty mesh: {why}; {hint}")
     t2 = time.perf_counter()
     c2w, K = c2w[None].to(device), K[None].to(device)
     samples = (cfg.samples, cfg.samples)  # coarse, fine
