@@ -3,8 +3,8 @@ paper's comparison table in miniature (VFusion3D Sec. 4: 3D data only vs synthet
 
 Reads:  an LRM checkpoint (default: the newest under --out, out/4_finetune before out/3_lrm),
         an image file or folder (--image), or a caption (--prompt, drawn by the stage-1 image model)
-Writes: out/5_infer/<name>/ input.png, mesh.obj, mesh.ply, views/, turntable.gif (+ .mp4 with
-        imageio-ffmpeg); --eval DIR: out/5_infer/<name>/metrics.json
+Writes: out/5_infer/<name>/ input.png, mesh.obj, mesh.ply, mesh.glb, views/, turntable.gif
+        (+ .mp4 with imageio-ffmpeg); --eval DIR: out/5_infer/<name>/metrics.json
         --table: out/table/ metrics.json, table.md, scaling.md (+ scaling.png with matplotlib),
         scaling_scarce.md after `run_all.sh scarce`, compare_*.gif
 Run:    python infer.py --image out/0_data/assets/test_unseen/00000/000.png
@@ -16,6 +16,7 @@ Run:    python infer.py --image out/0_data/assets/test_unseen/00000/000.png
 
 import json
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,49 @@ def save_gif(out, frames, scale):
     return gif
 
 
+GLB_MAGIC, GLB_JSON, GLB_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942  # "glTF", "JSON", "BIN\0"
+GL_FLOAT, GL_UINT, GL_ARRAY_BUFFER, GL_ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
+
+
+def write_glb(path, v, f, rgb):
+    """Binary glTF 2.0, written by hand: a 12-byte header, a JSON chunk and a binary chunk, each
+    padded to 4 bytes. The binary chunk holds positions (+Y up, as glTF requires: our +z up turns
+    to +y), vertex colours as COLOR_0 in linear light (ours are sRGB) and the triangles' indices;
+    a plain double-sided material makes viewers show the colours. An empty mesh: an empty scene."""
+    pos = (v[:, [0, 2, 1]] * torch.tensor([1.0, 1.0, -1.0])).numpy().astype("<f4")  # (V,3)
+    c = rgb.clamp(0, 1)
+    linear = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    blobs = [pos.tobytes(), linear.numpy().astype("<f4").tobytes()]
+    blobs.append(f.numpy().astype("<u4").tobytes())
+    start = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    targets = (GL_ARRAY_BUFFER, GL_ARRAY_BUFFER, GL_ELEMENT_ARRAY_BUFFER)
+    views = [
+        dict(buffer=0, byteOffset=s, byteLength=len(b), target=t)
+        for s, b, t in zip(start, blobs, targets)
+    ]
+    accessors = [
+        dict(bufferView=0, componentType=GL_FLOAT, count=len(pos), type="VEC3"),
+        dict(bufferView=1, componentType=GL_FLOAT, count=len(pos), type="VEC3"),
+        dict(bufferView=2, componentType=GL_UINT, count=3 * len(f), type="SCALAR"),
+    ]
+    gltf = dict(asset=dict(version="2.0", generator="VFusion3D teaching edition"), scene=0)
+    gltf["scenes"] = [dict(nodes=[0] if len(f) else [])]
+    if len(f):
+        accessors[0].update(min=pos.min(0).tolist(), max=pos.max(0).tolist())
+        shading = dict(baseColorFactor=[1, 1, 1, 1], metallicFactor=0.0, roughnessFactor=1.0)
+        primitive = dict(attributes=dict(POSITION=0, COLOR_0=1), indices=2, material=0)
+        gltf.update(nodes=[dict(mesh=0)], meshes=[dict(primitives=[primitive])])
+        gltf.update(materials=[dict(pbrMetallicRoughness=shading, doubleSided=True)])
+        gltf.update(buffers=[dict(byteLength=start[-1])], bufferViews=views, accessors=accessors)
+    text = json.dumps(gltf).encode()
+    text += b" " * (-len(text) % 4)
+    chunks = struct.pack("<II", len(text), GLB_JSON) + text
+    if len(f):
+        chunks += struct.pack("<II", start[-1], GLB_BIN) + b"".join(blobs)  # 12-byte rows: aligned
+    head = struct.pack("<III", GLB_MAGIC, 2, 12 + len(chunks))
+    render.atomic_write(path, lambda p: p.write_bytes(head + chunks))
+
+
 @torch.no_grad()
 def reconstruct(cfg, lrm, name, img, device):
     """One image -> the files of out/5_infer/<name>/, with the time of each step."""
@@ -204,6 +248,7 @@ def reconstruct(cfg, lrm, name, img, device):
     render.save_png(folder / "input.png", img)
     render.write_obj(folder / "mesh.obj", v.cpu(), f.cpu(), rgb.cpu())
     render.write_ply(folder / "mesh.ply", v.cpu(), f.cpu(), rgb.cpu())
+    write_glb(folder / "mesh.glb", v.cpu(), f.cpu(), rgb.cpu())
     gif = save_gif(folder / "turntable.gif", frames, 4)
     try:
         mp4 = folder / "turntable.mp4"

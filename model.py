@@ -761,7 +761,7 @@ def evaluate_object(lrm, folder, device, mesh_res, level):
     K = ob["K"][None, 1:].to(device)
     rgb, _ = lrm.render(planes, c2w[:, 1:].to(device), K, lrm.config.res, None, (32, 32), False)
     v, f, _ = lrm_mesh(lrm, planes[0].float(), mesh_res, level)
-    pts = render.sample_mesh(v.cpu(), f.cpu(), 10000)
+    pts, _ = render.sample_mesh(v.cpu(), f.cpu(), 10000)
     world = torch.linalg.inv(M[0])  # canonical frame -> world frame
     pts = pts @ world[:3, :3].T + world[:3, 3]
     surf, _ = render.load_tensors(Path(folder) / "surface.safetensors")

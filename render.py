@@ -1,14 +1,17 @@
 """Stage 0 and everything geometric: cameras, the procedural 3D world, its exact renderer,
-triplane-NeRF volume rendering, marching cubes, meshes, metrics and the folder format.
+triplane-NeRF volume rendering, marching cubes, meshes in and out, metrics and the folder format.
 
-Reads:  nothing (the world is generated from seeds).
-Writes: out/0_data/assets/{train,test}/<id>/  000.png.. (RGBA), cameras.safetensors, prompt.txt,
-                                              surface.safetensors (ground-truth points + colours)
+Reads:  nothing (the world is generated from seeds); --meshes DIR: the user's .obj/.ply files
+Writes: out/0_data/assets/{train,test_seen,test_unseen}/<id>/  000.png.. (RGBA),
+                cameras.safetensors, prompt.txt, object.json (category, split),
+                surface.safetensors (ground-truth points + colours)
         out/0_data/images/<id>.png + captions.txt   single views of other objects (the "2D web")
         out/0_data/prompts.txt                      captions of yet other objects (the "prompts")
-        out/0_data/meta.json, preview.png
-Run:    python render.py                      (tiny preset, about a minute on a 2-core laptop)
+        out/0_data/meta.json, preview.png, categories.png
+        --meshes DIR: out/0_data/meshes/<name>/     the user's meshes as real assets
+Run:    python render.py                      (tiny preset, about 2.5 minutes on a 2-core laptop)
         python render.py --preset micro --out /tmp/run
+        python render.py --meshes my_meshes/
         (no training here, so there is no torchrun form)
 Paper:  the stand-in for Objaverse renders (VFusion3D Sec. 3.1 fine-tunes on orbit renders of 3D
         assets) and for the volume rendering of the LRM (Sec. 3.2, via LRM/EG3D-style triplanes).
@@ -72,6 +75,11 @@ class Config:
     trace_steps: int = 48  # sphere-tracing steps
     surface_points: int = 4096  # ground-truth surface points per asset
     batch: int = 96  # images rendered together
+    # your own meshes: python render.py --meshes DIR (instead of the world)
+    meshes: str = ""  # folder of .obj/.ply files -> object folders in <out>/0_data/meshes/
+    mesh_colour: str = "0.7,0.7,0.7"  # RGB in [0,1] of meshes without vertex colours
+    mesh_up: str = "y"  # the files' up axis: y (most exporters) or z (this world's)
+    max_faces: int = 200000  # meshes with more triangles are skipped (decimate them first)
 
 
 PRESETS = {
@@ -619,12 +627,20 @@ def render_views(packed, obj, c2w, K, res, supersample=2, steps=48, eps=1e-3):
     shade = AMBIENT + (1 - AMBIENT) * (F.normalize(grad, dim=-1) @ LIGHT).clamp(min=0)
     rgb = torch.zeros(len(o), 3).index_copy_(0, i, PALETTE[near] * shade[:, None])
     pts = torch.full((len(o), 3), float("nan")).index_copy_(0, i, x)
-    # each pixel averages its ss x ss rays
-    rgb = rgb.view(B, res, ss, res, ss, 3)
-    a = hit.float().view(B, res, ss, res, ss, 1)
+    rgba = average_rays(rgb.view(B, -1, 3), hit.view(B, -1), res, ss)
+    return rgba, pts.view(B, res * ss, res * ss, 3)
+
+
+def average_rays(rgb, hit, res, ss):
+    """Each pixel averages its ss x ss rays: colours (B,(res*ss)^2,3) or (B,res*ss,res*ss,3) and
+    hits of the same shape -> RGBA (B,4,res,res), straight alpha (RGB is the mean colour of the
+    rays that hit, A their share)."""
+    B = len(hit)
+    rgb = rgb.reshape(B, res, ss, res, ss, 3)
+    a = hit.float().reshape(B, res, ss, res, ss, 1)
     cover = a.mean((2, 4))  # coverage, (B,res,res,1)
     colour = (rgb * a).sum((2, 4)) / (a.sum((2, 4)) + 1e-8)  # straight (unpremultiplied) colour
-    return torch.cat([colour, cover], -1).permute(0, 3, 1, 2), pts.view(B, res * ss, res * ss, 3)
+    return torch.cat([colour, cover], -1).permute(0, 3, 1, 2)
 
 
 def surface_points(obj, n, res=64, seed=0):
@@ -637,7 +653,7 @@ def surface_points(obj, n, res=64, seed=0):
         return scene_sdf(p, pair_up(torch.zeros(len(p), dtype=torch.long), packed))
 
     v, f = extract_mesh(lambda p: -sdf(p)[0], res, 0.0, chunk=res**3)  # inside = negative distance
-    pts = sample_mesh(v, f, n, seed)
+    pts, _ = sample_mesh(v, f, n, seed)
     return pts, PALETTE[sdf(pts)[1]]
 
 
@@ -701,34 +717,119 @@ def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
     return colour, acc, depth
 
 
+# ----------------------------------------------------------------------------- marching cubes
+# Corner c (0..7) of a cube sits at offset (c & 1, c >> 1 & 1, c >> 2 & 1) from its first voxel;
+# its 12 edges join the corners that differ in one bit, four along each axis.
+CUBE_EDGES = [(c, c | 1 << axis) for axis in range(3) for c in range(8) if not c >> axis & 1]
+
+
+def cube_faces():
+    """The cube's 6 faces as rings of 4 corners, counter-clockwise seen from outside."""
+    faces = []
+    for axis in range(3):
+        u, w = (axis + 1) % 3, (axis + 2) % 3  # u x w = axis
+        for side in (0, 1):
+            ring = [side << axis | i << u | j << w for i, j in ((0, 0), (1, 0), (1, 1), (0, 1))]
+            faces.append(ring if side else ring[::-1])
+    return faces
+
+
+def marching_cubes_table():
+    """Triangles (as triples of edge indices) for each of the 256 inside/outside patterns of a
+    cube's corners, built here rather than copied. Walk each face's ring: every run of inside
+    corners is entered across one edge and left across another, and a segment joins the two.
+    Diagonal inside corners are separate runs, so a face's segments depend on its own four
+    corners only and the two cubes sharing it agree: the mesh is watertight. A crossed edge is
+    left on one of its two faces and entered on the other, so the segments chain into closed
+    loops around the inside corners, and each loop becomes a fan of triangles; entering before
+    leaving, counter-clockwise from outside, winds the triangles to face away from the inside.
+    -> (256, T, 3) edges, -1 past each case's triangles."""
+    edge_of = {frozenset(e): k for k, e in enumerate(CUBE_EDGES)}
+    faces, table = cube_faces(), []
+    for case in range(256):
+        inside = [case >> c & 1 for c in range(8)]
+        leads_to = {}  # crossed edge -> the crossed edge at the other end of its segment
+        for ring in faces:
+            sides = [edge_of[frozenset((ring[k - 1], ring[k]))] for k in range(4)]  # k-1 -> k
+            crossed = [k for k in range(4) if inside[ring[k]] != inside[ring[k - 1]]]
+            for k, k_next in zip(crossed, crossed[1:] + crossed[:1]):
+                if inside[ring[k]]:  # entered across side k, left across side k_next
+                    leads_to[sides[k]] = sides[k_next]
+        tris = []
+        while leads_to:
+            loop = [next(iter(leads_to))]
+            while leads_to[loop[-1]] != loop[0]:
+                loop.append(leads_to.pop(loop[-1]))
+            leads_to.pop(loop[-1])
+            tris += [(loop[0], loop[i], loop[i + 1]) for i in range(1, len(loop) - 1)]
+        table.append(tris)
+    width = max(len(t) for t in table)
+    return torch.tensor([t + [(-1, -1, -1)] * (width - len(t)) for t in table])
+
+
+MC_TABLE = marching_cubes_table()  # (256, T, 3)
+CORNER = torch.tensor([[c & 1, c >> 1 & 1, c >> 2 & 1] for c in range(8)])  # (8,3) offsets
+EDGE_START = CORNER[[a for a, _ in CUBE_EDGES]]  # (12,3) offset of each edge's first corner
+EDGE_AXIS = torch.tensor([(b ^ a).bit_length() - 1 for a, b in CUBE_EDGES])  # (12,)
+
+
+def marching_cubes(vol, level):
+    """The surface vol = level of a grid vol (X,Y,Z) -> vertices (V,3) in voxel units, one on
+    each grid edge whose ends lie on either side of the level, where the linear interpolation
+    of the ends meets it, and triangles (F,3) wound outwards (towards values below the level).
+    No loop over cells: every cube's pattern of inside corners indexes MC_TABLE at once."""
+    X, Y, Z = vol.shape
+    inside = vol > level
+    # the vertices: axis by axis, the crossed edges and a vertex number for each
+    verts, number = [], torch.full((3 * X * Y * Z,), -1)
+    for axis in range(3):
+        n = vol.shape[axis] - 1
+        lo, hi = vol.narrow(axis, 0, n), vol.narrow(axis, 1, n)
+        start = (inside.narrow(axis, 0, n) != inside.narrow(axis, 1, n)).nonzero()  # (E,3)
+        v0, v1 = lo[tuple(start.T)], hi[tuple(start.T)]
+        verts.append(start + ((level - v0) / (v1 - v0))[:, None] * torch.eye(3)[axis])
+        key = ((axis * X + start[:, 0]) * Y + start[:, 1]) * Z + start[:, 2]
+        number[key] = torch.arange(len(key)) + sum(len(v) for v in verts[:-1])
+    # each cube's case (bit c: corner c is inside) picks its triangles from the table
+    case = torch.zeros(X - 1, Y - 1, Z - 1, dtype=torch.int32)
+    for c, (dx, dy, dz) in enumerate(CORNER.tolist()):
+        case |= inside[dx : X - 1 + dx, dy : Y - 1 + dy, dz : Z - 1 + dz].int() << c
+    case = case.flatten().long()
+    cubes = (MC_TABLE[case, 0, 0] >= 0).nonzero()[:, 0]  # the cubes the surface crosses
+    tri = MC_TABLE[case[cubes]]  # (C,T,3) edges of the cube
+    keep = tri[..., 0] >= 0
+    edge = tri[keep]  # (F,3)
+    corner = torch.stack(torch.unravel_index(cubes, (X - 1, Y - 1, Z - 1)), -1)  # (C,3)
+    start = corner[:, None, None].expand(*tri.shape, 3)[keep] + EDGE_START[edge]  # (F,3,3)
+    key = ((EDGE_AXIS[edge] * X + start[..., 0]) * Y + start[..., 1]) * Z + start[..., 2]
+    return torch.cat(verts), number[key]
+
+
 # ----------------------------------------------------------------------------- meshes and metrics
 @torch.no_grad()
 def extract_mesh(density_fn, res, level, chunk=2**16):
     """Evaluate density_fn (points (N,3) -> (N,)) on a res^3 grid over [-1,1]^3 in chunks, then
-    marching cubes (scikit-image, Lewiner) at `level` -> vertices (V,3) in world units,
-    faces (F,3)."""
-    from skimage.measure import marching_cubes
-
+    marching cubes at `level` -> vertices (V,3) in world units, faces (F,3) wound outwards."""
     g = torch.linspace(-1, 1, res)
     grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).view(-1, 3)
-    vol = torch.cat([density_fn(p) for p in grid.split(chunk)]).view(res, res, res).float().numpy()
-    if not (vol.min() < level < vol.max()):
-        return torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)
-    v, f, _, _ = marching_cubes(vol, level, spacing=(2 / (res - 1),) * 3)
-    faces = torch.from_numpy(f[:, ::-1].astype(np.int64))  # reversed, so they wind outwards
-    return torch.from_numpy(v.copy()).float() - 1, faces
+    vol = torch.cat([density_fn(p) for p in grid.split(chunk)]).view(res, res, res).float()
+    v, f = marching_cubes(vol, level)
+    return v * (2 / (res - 1)) - 1, f
 
 
-def sample_mesh(v, f, n, seed=0):
-    """n points spread uniformly (by area) over a triangle mesh; the origin if the mesh is empty."""
+def sample_mesh(v, f, n, seed=0, rgb=None):
+    """n points spread uniformly (by area) over a triangle mesh (the origin if it is empty) and
+    their colours, interpolated from the vertex colours rgb (V,3) (black when None)."""
     if len(f) == 0:
-        return torch.zeros(n, 3)
+        return torch.zeros(n, 3), torch.zeros(n, 3)
     gen = torch.Generator().manual_seed(seed)
     a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
     area = torch.cross(b - a, c - a, dim=-1).norm(dim=-1)
     tri = torch.multinomial(area + 1e-12, n, replacement=True, generator=gen)
     r1, r2 = torch.rand(n, 1, generator=gen).sqrt(), torch.rand(n, 1, generator=gen)
-    return (1 - r1) * a[tri] + r1 * (1 - r2) * b[tri] + r1 * r2 * c[tri]
+    w = torch.cat([1 - r1, r1 * (1 - r2), r1 * r2], -1)  # (n,3) barycentric weights
+    rgb = torch.zeros_like(v) if rgb is None else rgb
+    return torch.einsum("nk,nkc->nc", w, v[f[tri]]), torch.einsum("nk,nkc->nc", w, rgb[f[tri]])
 
 
 def write_obj(path, v, f, rgb):
@@ -828,11 +929,221 @@ def load_object(folder, res=None, views=None):
     return dict(images=images, masks=masks, c2w=cams["c2w"], K=cams["intrinsics"], prompt=prompt)
 
 
+# ----------------------------------------------------------------------------- your own meshes
+def read_obj(path):
+    """A Wavefront .obj -> vertices (V,3), triangles (F,3) (polygons cut into fans; 1-based or
+    negative indices), vertex colours (V,3) where every 'v' line has them ('v x y z r g b')."""
+    verts, faces = [], []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        words = line.split()
+        if words[:1] == ["v"]:
+            verts.append([float(x) for x in words[1:7]])
+        elif words[:1] == ["f"]:
+            idx = [int(w.split("/")[0]) for w in words[1:]]
+            idx = [i - 1 if i > 0 else len(verts) + i for i in idx]
+            faces += [(idx[0], idx[k], idx[k + 1]) for k in range(1, len(idx) - 1)]
+    coloured = len(verts) > 0 and all(len(row) == 6 for row in verts)
+    v = torch.tensor([row[:3] for row in verts]).view(-1, 3)
+    rgb = torch.tensor([row[3:] for row in verts]) if coloured else None
+    return v, torch.tensor(faces, dtype=torch.long).view(-1, 3), rgb
+
+
+PLY_TYPES = dict(char="i1", uchar="u1", short="i2", ushort="u2", int="i4", uint="u4")
+PLY_TYPES |= dict(float="f4", double="f8", int8="i1", uint8="u1", int16="i2", uint16="u2")
+PLY_TYPES |= dict(int32="i4", uint32="u4", float32="f4", float64="f8")
+
+
+def ply_elements(path, head):
+    """A PLY header -> its format and elements [(name, count, [(property, type, count type)])],
+    the count type None for a scalar property."""
+    lines = [line.split() for line in head.decode("ascii", "replace").splitlines() if line.strip()]
+    if not lines or lines[0] != ["ply"]:
+        raise DataError(f"{path}: not a PLY file (no 'ply' header); export it again as PLY")
+    fmt = next((w[1] for w in lines if w[0] == "format"), "")
+    elements = []
+    for w in lines:
+        if w[0] == "element":
+            elements.append((w[1], int(w[2]), []))
+        elif w[0] == "property" and elements:
+            count = PLY_TYPES[w[2]] if w[1] == "list" else None
+            elements[-1][2].append((w[-1], PLY_TYPES[w[-2]], count))
+    if [e[0] for e in elements[:2]] != ["vertex", "face"]:
+        raise DataError(f"{path}: the elements are not vertex then face; export it again")
+    return fmt, elements
+
+
+def read_ply(path):
+    """A .ply, ascii or binary little-endian (whose faces must share one vertex count) -> vertices
+    (V,3), triangles (F,3), vertex colours (V,3) in [0,1] when it has red, green and blue."""
+    head, _, body = Path(path).read_bytes().partition(b"end_header\n")
+    fmt, ((_, nv, vprops), (_, nf, fprops), *_) = ply_elements(path, head)
+    names = [name for name, _, _ in vprops]
+    if fmt == "ascii":
+        rows = body.decode("ascii", "replace").splitlines()
+        vert = np.array([row.split()[: len(names)] for row in rows[:nv]], dtype=np.float64)
+        vert = {name: vert[:, k] for k, name in enumerate(names)}
+        polys = [[int(x) for x in row.split()[1 : 1 + int(row.split()[0])]] for row in rows[nv:]]
+    elif fmt == "binary_little_endian":
+        vdt = np.dtype([(name, "<" + t) for name, t, _ in vprops])
+        vert = np.frombuffer(body, vdt, count=nv)
+        rest = body[vdt.itemsize * nv :]
+        count = int(np.frombuffer(rest, fprops[0][2], count=1)[0])  # the first face's size
+        fdt = [("n", fprops[0][2]), ("i", "<" + fprops[0][1], count)]
+        fdt += [(name, "<" + t) for name, t, _ in fprops[1:]]
+        face = np.frombuffer(rest, np.dtype(fdt), count=nf)
+        if (face["n"] != count).any():
+            raise DataError(f"{path}: faces of different sizes; export it with triangulated faces")
+        polys = face["i"].tolist()
+    else:
+        raise DataError(f"{path}: PLY format {fmt!r}; export it as ascii or binary little-endian")
+    v = torch.tensor(np.stack([vert[a] for a in "xyz"], -1), dtype=torch.float32)
+    faces = [(p[0], p[k], p[k + 1]) for p in polys[:nf] for k in range(1, len(p) - 1)]
+    rgb = None
+    if {"red", "green", "blue"} <= set(names):
+        rgb = torch.tensor(np.stack([vert[c] for c in ("red", "green", "blue")], -1)).float()
+        rgb = rgb / 255 if vprops[names.index("red")][1] == "u1" or rgb.max() > 1 else rgb
+    return v, torch.tensor(faces, dtype=torch.long).view(-1, 3), rgb
+
+
+def load_mesh(path, max_faces, up):
+    """A mesh file -> vertices (V,3) in the world's framing (+z up, its box centred, its farthest
+    vertex at FRAME_FILL), triangles (F,3) and vertex colours (V,3) or None; DataError says what
+    is wrong with a file that cannot be used."""
+    try:
+        v, f, rgb = read_obj(path) if path.suffix.lower() == ".obj" else read_ply(path)
+    except (ValueError, IndexError, KeyError, TypeError, StopIteration) as e:
+        raise DataError(f"{path}: not a readable mesh ({e}); export it again as OBJ or PLY")
+    if len(f) == 0:
+        raise DataError(f"{path}: no faces (a point cloud?); only triangle meshes are rendered")
+    if len(f) > max_faces:
+        raise DataError(f"{path}: {len(f)} faces, over --max_faces {max_faces}; decimate it first")
+    if f.min() < 0 or f.max() >= len(v) or not torch.isfinite(v).all():
+        raise DataError(f"{path}: a face or vertex is out of range; the file is damaged")
+    if up == "y":
+        v = v[:, [0, 2, 1]] * torch.tensor([1.0, -1.0, 1.0])  # (x, y, z) -> (x, -z, y)
+    v = v - (v.min(0).values + v.max(0).values) / 2
+    size = v.norm(dim=-1).max()
+    if size < 1e-9:
+        raise DataError(f"{path}: every vertex is at one point; nothing to render")
+    return v * (FRAME_FILL / size), f, rgb
+
+
+def ray_triangles(o, d, tri):
+    """The nearest hit of rays o, d (R,3) on triangles tri (F,3,3), from either side
+    (Moller-Trumbore: solve o + t d = a + u (b - a) + w (c - a) by Cramer's rule)
+    -> distance (R,) (inf for a miss), triangle index (R,), barycentric weights (R,3)."""
+    a, e1, e2 = tri[:, 0], tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]  # (F,3)
+    p = torch.linalg.cross(d[:, None], e2[None])  # (R,F,3)
+    det = (p * e1).sum(-1)  # (R,F)
+    inv = 1 / torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
+    s = o[:, None] - a  # (R,F,3)
+    q = torch.linalg.cross(s, e1[None].expand_as(s))
+    u, w = (s * p).sum(-1) * inv, (q * d[:, None]).sum(-1) * inv
+    t = (q * e2).sum(-1) * inv
+    hit = (u >= 0) & (w >= 0) & (u + w <= 1) & (t > 1e-6) & (det.abs() >= 1e-12)
+    t, idx = torch.where(hit, t, float("inf")).min(1)
+    u, w = u.gather(1, idx[:, None])[:, 0], w.gather(1, idx[:, None])[:, 0]
+    return t, idx, torch.stack([1 - u - w, u, w], -1)
+
+
+def trace_mesh(v, f, c2w, K, n, tile=8):
+    """Rays of one camera c2w (4,4), K (3,3) through an n x n image, tile by tile, each against
+    the triangles whose box on the screen overlaps its tile -> distance, triangle, weights,
+    ray directions, each (n, n, ...)."""
+    o, d = camera_rays(c2w[None], K[None], n)
+    o, d = o[0], d[0]  # (n,n,3)
+    px, _ = project(v, c2w, K, n)  # (V,2) column, row
+    lo, hi = px[f].min(1).values, px[f].max(1).values  # (F,2) each triangle's box on the screen
+    t, idx = torch.full((n, n), float("inf")), torch.zeros(n, n, dtype=torch.long)
+    bary = torch.zeros(n, n, 3)
+    for top in range(0, n, tile):
+        for left in range(0, n, tile):
+            corner = torch.tensor([left, top])
+            near = ((hi >= corner) & (lo <= corner + tile)).all(-1).nonzero()[:, 0]
+            if len(near) == 0:
+                continue
+            box = (slice(top, top + tile), slice(left, left + tile))
+            size = o[box].shape[:2]
+            ti, fi, wi = ray_triangles(o[box].reshape(-1, 3), d[box].reshape(-1, 3), v[f[near]])
+            t[box], idx[box], bary[box] = ti.view(size), near[fi].view(size), wi.view(*size, 3)
+    return t, idx, bary, d
+
+
+@torch.no_grad()
+def render_mesh(v, f, rgb, c2w, K, res, supersample=2):
+    """The exact renderer's twin for triangle meshes: the colour interpolated at the nearest hit,
+    Lambert + ambient on the face's normal (turned to the camera), white background. v (V,3),
+    f (F,3), rgb (V,3), cameras (B,4,4), (B,3,3) -> RGBA (B,4,res,res) as render_views gives."""
+    n = res * supersample
+    tri = v[f]  # (F,3,3)
+    normal = F.normalize(torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), dim=-1)
+    colours, hits = [], []
+    for cam, k in zip(c2w, K):
+        t, idx, bary, d = trace_mesh(v, f, cam, k, n)
+        facing = normal[idx] * -torch.sign((normal[idx] * d).sum(-1, keepdim=True))  # (n,n,3)
+        shade = AMBIENT + (1 - AMBIENT) * (facing @ LIGHT).clamp(min=0)
+        colours.append(torch.einsum("hwk,hwkc->hwc", bary, rgb[f[idx]]) * shade[..., None])
+        hits.append(torch.isfinite(t))
+    return average_rays(torch.stack(colours), torch.stack(hits), res, supersample)
+
+
+def mesh_name(src, path):
+    """The object folder's name of a mesh file: its path under --meshes, "/" as "_"."""
+    return "_".join(path.relative_to(src).with_suffix("").parts)
+
+
+def mesh_caption(path):
+    """A mesh's caption: <name>.txt or prompt.txt beside it, else its file name in words."""
+    for text in (path.with_suffix(".txt"), path.parent / "prompt.txt"):
+        if text.is_file() and text.read_text().strip():
+            return text.read_text().strip().splitlines()[0]
+    return re.sub(r"[_\-.]+", " ", path.stem).strip()
+
+
+def parse_colour(text):
+    """--mesh_colour "r,g,b" -> (3,) in [0,1], or DataError."""
+    try:
+        rgb = torch.tensor([float(x) for x in text.split(",")])
+    except ValueError:
+        rgb = torch.zeros(0)
+    if rgb.shape != (3,) or not (0 <= rgb).all() or not (rgb <= 1).all():
+        raise DataError(f"--mesh_colour {text}: give three numbers in [0,1], e.g. 0.7,0.7,0.7")
+    return rgb
+
+
+def import_meshes(cfg, root):
+    """--meshes DIR: each .obj and .ply under DIR -> an object folder root/<name>/ in the real
+    assets' format (the orbit's views, cameras, caption, surface points), the ones missing only;
+    a file that cannot be used is skipped with one line -> (found, rendered now, skipped)."""
+    src = Path(cfg.meshes)
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".obj", ".ply"))
+    if not files:
+        raise DataError(f"{src}: no .obj or .ply files there; pass a folder of meshes")
+    colour = parse_colour(cfg.mesh_colour)  # (3,)
+    c2w, K = orbit(cfg.views)
+    todo = [p for p in files if not is_complete(root, mesh_name(src, p), cfg.views)]
+    skipped = []
+    for path in progress(todo, desc="stage 0 meshes", unit="mesh"):
+        try:
+            v, f, rgb = load_mesh(path, cfg.max_faces, cfg.mesh_up)
+        except DataError as e:
+            tqdm.write(f"skipped {e}")
+            skipped.append(path)
+            continue
+        rgb = colour.expand_as(v) if rgb is None else rgb.clamp(0, 1)
+        views = render_mesh(v, f, rgb, c2w, K, cfg.res, cfg.supersample)
+        surface = sample_mesh(v, f, cfg.surface_points, 0, rgb)
+        info = dict(category="own mesh", split="meshes", source=str(path))
+        write_object(root / mesh_name(src, path), views, c2w, K, mesh_caption(path), surface, info)
+    return len(files), len(todo) - len(skipped), len(skipped)
+
+
 # ----------------------------------------------------------------------------- stage 0
 # Each split owns a range of object seeds; the real assets' splits are folders under assets/.
 SPLITS = ("train", "test_seen", "test_unseen", "images", "prompts", "sheet")
 ASSETS = ("train", "test_seen", "test_unseen")
-NOT_RECORDED = ("out", "device", "batch")  # fields that change no byte written
+# fields that change no byte of the world (the mesh fields write to 0_data/meshes/ only)
+NOT_RECORDED = ("out", "device", "batch", "meshes", "mesh_colour", "mesh_up", "max_faces")
 
 
 def object_seed(cfg, split, i):
@@ -999,10 +1310,27 @@ def print_summary(cfg, root, counts, seconds):
     print("next: python finetune_video.py")
 
 
+def bring_meshes(cfg):
+    """--meshes DIR: the user's meshes -> object folders in <out>/0_data/meshes/, then the summary
+    and the next commands; an error when none of them could be used."""
+    if not Path(cfg.meshes).is_dir():
+        raise DataError(f"{cfg.meshes}: no such folder; pass a folder of .obj or .ply files")
+    if cfg.mesh_up not in ("y", "z"):
+        raise DataError(f"--mesh_up {cfg.mesh_up}: pick y or z")
+    root = Path(cfg.out) / "0_data/meshes"
+    found, new, skipped = import_meshes(cfg, root)
+    if skipped == found:
+        raise DataError(f"{cfg.meshes}: none of its {found} meshes could be used (see above)")
+    print(f"stage 0 meshes: {found} files, {new} rendered now, {skipped} skipped -> {root}")
+    print(f"next: python train_lrm.py --data {root}   or   python infer.py --eval {root}")
+
+
 def main():
     """Stage 0: check the output folder, render the splits, write the prompts, then (when anything
     was new) the preview and meta.json, and print the summary."""
     cfg = parse_config(Config, PRESETS)
+    if cfg.meshes:
+        return bring_meshes(cfg)
     root = Path(cfg.out) / "0_data"
     conf = check_out(cfg, root)
     if not 1 <= cfg.categories_3d < len(CATEGORIES):

@@ -1,7 +1,7 @@
 """Benchmarks: the speed figures the issues ask for, printed as one table, against the machine.
 
 Run:  python tests/bench.py                   (everything; a few minutes on a 2-core laptop)
-      python tests/bench.py --only peak,volume (some groups: peak, render, volume, video, lrm)
+      python tests/bench.py --only peak,volume (some groups: peak, render, mesh, volume, video, lrm)
 
 The "peak" rows measure the machine's own matmul speed (2048^3, fp32 and bf16). The MFU rows
 divide a step's useful FLOPs (torch's flop counter: matmuls, convolutions, attention, forward and
@@ -83,7 +83,7 @@ def bench_render(rows, ctx):
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         rows.append(("stage 0 wall time, tiny preset", time.perf_counter() - t, "s"))
     cfg = render.Config()
-    objs = [render.make_object(render.object_seed(cfg, "train", i)) for i in range(12)]
+    objs = [render.world_object(cfg, "train", i) for i in range(12)]
     c2w, K = render.orbit(8)
     packed, idx = render.pack(objs), torch.arange(12).repeat_interleave(8)
     c2ws, Ks = c2w.repeat(12, 1, 1), K.repeat(12, 1, 1)
@@ -279,9 +279,22 @@ def infer_times(cfg, lrm, img):
     return out
 
 
+def bench_mesh(rows, ctx):
+    """Our marching cubes against scikit-image's (Lewiner, compiled) on a 64^3 sphere field."""
+    from skimage.measure import marching_cubes
+
+    g = torch.linspace(-1, 1, 64)
+    vol = 0.6 - torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).norm(dim=-1)
+    ours = timed(lambda: render.marching_cubes(vol, 0.0), repeat=5)
+    theirs = timed(lambda: marching_cubes(vol.numpy(), 0.0), repeat=5)
+    rows.append(("marching cubes 64^3 (ours, torch)", ours * 1e3, "ms"))
+    rows.append(("marching cubes 64^3 (scikit-image, compiled)", theirs * 1e3, "ms"))
+
+
 GROUPS = {
     "peak": bench_peak,
     "render": bench_render,
+    "mesh": bench_mesh,
     "volume": bench_volume,
     "video": bench_video,
     "lrm": bench_lrm,

@@ -114,7 +114,7 @@ def test_marching_cubes_of_a_sphere_has_the_right_radius():
     v, f = render.extract_mesh(lambda p: 5 * (r - p.norm(dim=-1)), res, 0.0)
     radii = v.norm(dim=-1)
     assert len(f) > 1000 and (radii - r).abs().max() < 2 / (res - 1)
-    pts = render.sample_mesh(v, f, 5000)
+    pts, _ = render.sample_mesh(v, f, 5000)
     assert (pts.norm(dim=-1) - r).abs().max() < 2 / (res - 1)
     a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
     normals = torch.cross(b - a, c - a, dim=-1)

@@ -30,9 +30,10 @@ def test_ruff_format_and_check_pass():
     assert checked.returncode == 0, f"`ruff check` found:\n{checked.stdout}{checked.stderr}"
 
 
-# Over their budgets (issue #19 stays open until they are not): finetune_video.py, and render.py
-# since world v2's categories. Strict, so this test fails the day a file fits: then drop its mark.
-OVER = {"finetune_video.py", "render.py"}
+# Over their budgets (issue #19 stays open until they are not): finetune_video.py, render.py since
+# world v2's categories and the mesh import, infer.py since the GLB writer. Strict, so this test
+# fails the day a file fits: then drop its mark.
+OVER = {"finetune_video.py", "render.py", "infer.py"}
 
 
 @pytest.mark.parametrize(
