@@ -12,6 +12,7 @@ import infer
 import model
 import render
 from conftest import ROOT, one_line_error, run_script
+from test_meshes import read_glb
 from test_render import read_obj, read_ply
 
 
@@ -85,7 +86,7 @@ def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
     image = pipeline / "0_data/assets/test_unseen/00001/000.png"
     p = run_infer(pipeline, "--image", image, "--name", "t", "--mesh_level", level)
     folder = pipeline / "5_infer/t"
-    for f in ("input.png", "mesh.obj", "mesh.ply", "turntable.gif", "views/000.png"):
+    for f in ("input.png", "mesh.obj", "mesh.ply", "mesh.glb", "turntable.gif", "views/000.png"):
         assert (folder / f).is_file(), f
     assert "triplane" in p.stdout and "mesh" in p.stdout and "turntable" in p.stdout
     ov, of, oc = read_obj(folder / "mesh.obj")
@@ -93,6 +94,8 @@ def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
     assert len(ov) > 0 and len(of) > 0 and np.allclose(ov, pv, atol=1e-4) and (of == pf).all()
     assert oc.shape == (len(ov), 3) and 0 <= oc.min() and oc.max() <= 1
     assert np.abs(pc / 255 - oc).max() < 1 / 255 + 1e-3
+    gltf, _ = read_glb(folder / "mesh.glb")
+    assert gltf["accessors"][0]["count"] == len(ov) and gltf["accessors"][2]["count"] == of.size
 
 
 def test_framing_keeps_training_views_and_recentres_others():
