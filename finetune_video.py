@@ -1,17 +1,23 @@
 """Stage 1: the video diffusion model (VFusion3D Sec. 3.1).
 
 Phase image (the pretrained stand-in for EMU Video, shipped in weights/): a text-to-image UNet
-trained on out/0_data/images/ with their captions. Phase video (the paper's first step): insert
-zero-initialised temporal layers, freeze every spatial and text weight, and train only the temporal
-layers on the orbit videos of out/0_data/assets/train, with frame 0 given clean (the input view)
-and frames 1..V-1 denoised. Phase eval: orbits for the held-out assets against three baselines.
+trained on out/0_data/images/ with their captions. Phase classifier (the stand-in for the paper's
+pretrained perception models, its DINO filter and CLIP scores; shipped too): a small CNN naming a
+view's category and main colour, trained on the same single views. Phase video (the paper's first
+step): insert zero-initialised temporal layers, freeze every spatial and text weight, and train
+only the temporal layers on the orbit videos of out/0_data/assets/train, with frame 0 given clean
+(the input view) and frames 1..V-1 denoised. Phase eval: orbits for the held-out assets against
+three baselines.
 
-Reads:  out/0_data/ (stage 0), weights/image_model_<preset>.safetensors (or phase image's output)
-Writes: out/1_video/image_model.safetensors, video_model.safetensors, samples/, eval_grid.png,
-        eval.gif, metrics.json, meta.json (and *_state.safetensors for --resume)
-Run:    python finetune_video.py     (tiny: video + eval from the shipped model, ~13 min on 2 cores)
-        python finetune_video.py --preset micro --out /tmp/run   (all three phases, seconds)
-        python finetune_video.py --phase image           (retrain the stand-in: hours on a CPU)
+Reads:  out/0_data/ (stage 0), weights/{image_model,classifier}_<preset>.safetensors (or their
+        phases' outputs)
+Writes: out/1_video/image_model.safetensors, classifier.safetensors (when trained here),
+        video_model.safetensors, samples/, eval_grid.png, eval.gif, metrics.json, meta.json
+        (and *_state.safetensors for --resume)
+Run:    python finetune_video.py     (tiny: video + eval from the shipped models, ~13 min, 2 cores)
+        python finetune_video.py --preset micro --out /tmp/run   (all four phases, seconds)
+        python finetune_video.py --phase image           (retrain the stand-in: an hour on a CPU)
+        python finetune_video.py --phase classifier      (retrain the classifier: minutes)
         torchrun --nproc_per_node=4 finetune_video.py --preset small --device cuda
 """
 
@@ -40,7 +46,7 @@ class Config:
     out: str = "out"  # root holding the numbered stage folders
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0  # repeatable runs on one machine
-    phase: str = "auto"  # image | video | eval | auto (image if no image model, then video, eval)
+    phase: str = "auto"  # image | classifier | video | eval | auto (the first two if missing)
     image_model: str = ""  # pretrained image model ("" = out/1_video's, else the one in weights/)
     resume: bool = True  # continue from the last *_state.safetensors checkpoint if there is one
     channels: str = "32,64,96"  # UNet channels per resolution level
@@ -68,12 +74,18 @@ class Config:
     n_faithful: int = 96  # samples scored for caption faithfulness
     sample_every: int = 2000  # steps between sample grids in samples/
     ckpt_every: int = 250  # steps between resumable checkpoints
+    # the category classifier (phase classifier), the stand-in for the paper's DINO and CLIP
+    classifier_steps: int = 1500  # optimizer steps
+    classifier_batch: int = 64  # views per step
+    classifier_lr: float = 2e-3  # peak learning rate (warm-up, then cosine)
+    classifier_width: int = 32  # channels of its first stage (then 2x, 4x)
+    classifier_holdout: float = 0.1  # share of images/ (the last ones) kept out to validate on
 
 
 PRESETS = {
     "micro": dict(channels="16,32", text_dim=32, image_steps=40, image_batch=16, video_steps=12,
                   video_batch=2, warmup=5, sample_steps=4, n_eval=4, n_faithful=8, sample_every=20,
-                  ckpt_every=10),
+                  ckpt_every=10, classifier_steps=20, classifier_batch=16, classifier_width=8),
     "tiny": {},
     "small": dict(channels="64,128,256,256", attn_res="16,8", text_dim=128, image_steps=60000,
                   image_batch=256, video_steps=20000, video_batch=32, sample_steps=50, n_eval=100,
@@ -293,9 +305,10 @@ def caption_faithfulness(cfg, unet, prompts, device, grid=None):
 DIGITS = {"psnr": 3, "ssim": 4, "color_err": 4}  # metrics.json rounds each metric to these digits
 
 
-def score(gens, true):
-    """PSNR, SSIM, colour error of each method's views 1..V-1 against the truth, and of its far
-    views alone (row name + "_far": at least 90 degrees from the input view) -> rows."""
+def score(gens, true, clf=None, captions=None):
+    """PSNR, SSIM, colour error (and with a classifier the category and colour accuracy) of each
+    method's views 1..V-1 against the truth, and of its far views alone (row name + "_far": at
+    least 90 degrees from the input view) -> rows."""
     views = true.shape[1]
     far = [k for k in range(1, views) if min(k, views - k) * 360 / views >= 90]
     rows = {}
@@ -304,6 +317,8 @@ def score(gens, true):
             pred, real = (g[:, ks].flatten(0, 1) + 1) / 2, (true[:, ks].flatten(0, 1) + 1) / 2
             m = model.view_metrics(pred, real)
             rows[name + suffix] = {k: round(m[k], n) for k, n in DIGITS.items()}
+            if clf is not None:
+                rows[name + suffix] |= model.judge_views(clf, (g[:, ks] + 1) / 2, captions)
     return rows
 
 
@@ -360,6 +375,66 @@ def phase_image(cfg, st):
             path, unet.state_dict(), "image_model", config, **info, device=str(st.device)
         )
         print(f"image model: caption faithfulness {faith:.2f}, {secs / 60:.1f} min -> {path}")
+
+
+def augment(views, gen):
+    """Training views (B,3,H,W) in [0,1], each mirrored at random (a mirrored mug is a mug) and
+    blurred by a random amount (generated and rendered views are softer than stage 0's)."""
+    flip = torch.rand(len(views), generator=gen) < 0.5
+    views = torch.where(flip[:, None, None, None], views.flip(-1), views)
+    soft = F.avg_pool2d(views, 3, 1, 1, count_include_pad=False)
+    return torch.lerp(views, soft, torch.rand(len(views), 1, 1, 1, generator=gen))
+
+
+def phase_classifier(cfg, st):
+    """The stand-in for the paper's pretrained perception models: a classifier of category and
+    main colour, trained on stage 0's single views but the last tenth, then validated on that
+    tenth, also by azimuth (the camera's angle from the object's front) -> the checkpoint."""
+    imgs, caps = load_images(st.data, st.res)
+    views, labels = (imgs + 1) / 2, torch.tensor([render.caption_labels(c) for c in caps])
+    n_val = max(1, int(len(views) * cfg.classifier_holdout))
+    conf = model.ClassifierConfig(st.res, cfg.classifier_width)
+    clf = model.Classifier(conf).to(st.device)
+    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.classifier_lr, weight_decay=0.05)
+    t0, steps = time.time(), cfg.classifier_steps
+    bar = render.progress(range(steps), desc="phase classifier", disable=st.rank != 0)
+    for step in bar:
+        lr = model.learning_rate(step, steps, cfg.classifier_lr, min(cfg.warmup, steps // 10))
+        model.set_learning_rate(opt, lr)
+        gen = torch.Generator().manual_seed(model.step_seed(cfg.seed, step))
+        idx = torch.randint(len(views) - n_val, (cfg.classifier_batch,), generator=gen)
+        category, colour = clf(augment(views[idx], gen).to(st.device))
+        y = labels[idx].to(st.device)
+        loss = F.cross_entropy(category, y[:, 0]) + F.cross_entropy(colour, y[:, 1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    clf = clf.cpu().eval()
+    scores = validate_classifier(st.data, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
+    if st.rank == 0:
+        info = dict(steps=steps, seconds=round(time.time() - t0), trained_on=len(views) - n_val)
+        path = st.out / "classifier.safetensors"
+        model.save_checkpoint(path, clf.state_dict(), "classifier", conf, **info, **scores)
+        by = " ".join(f"{k}:{v:.2f}" for k, v in scores["category_acc_by_azimuth"].items())
+        print(f"classifier: held-out category {scores['category_acc']:.3f}, colour "
+              f"{scores['color_acc']:.3f}; category by azimuth {by} -> {path}")  # fmt: skip
+
+
+def validate_classifier(data, clf, views, captions, first):
+    """Held-out single views (image ids first..) -> category and colour accuracy, and category
+    accuracy in 8 buckets of the camera's azimuth from the object's front (0 = facing it)."""
+    world = render.Config(**render.read_meta(data, "python render.py")["config"])
+    category, _ = model.classify(clf, views)
+    hit = category == torch.tensor([render.caption_labels(c)[0] for c in captions])
+    # the single views' camera sits at azimuth 0, the object's front at its facing angle
+    ids = range(first, first + len(views))
+    facing = torch.tensor([render.world_object(world, "images", i)["facing"] for i in ids])
+    bucket = ((-facing % 360) / 45).round().long() % 8
+    by = {
+        f"{45 * int(b)}": round(hit[bucket == b].float().mean().item(), 3) for b in bucket.unique()
+    }
+    return model.judge_views(clf, views, captions) | dict(category_acc_by_azimuth=by)
 
 
 def phase_video(cfg, st):
@@ -428,9 +503,13 @@ def phase_eval(cfg, st, t_start):
         gens[name] = torch.cat(samples)
     gens["copy_input"] = true[:, :1].expand_as(true)
     gens["white"] = torch.ones_like(true)
-    scores = render.rows_by_split(
-        folders, lambda idx: score({k: g[idx] for k, g in gens.items()}, true[idx])
-    )
+    clf = model.find_classifier(cfg.out, cfg.preset)
+
+    def score_split(idx):
+        """The rows over the held-out objects idx."""
+        return score({k: g[idx] for k, g in gens.items()}, true[idx], clf, [caps[i] for i in idx])
+
+    scores = render.rows_by_split(folders, score_split)
     prompts = (st.data / "prompts.txt").read_text().splitlines()
     faith = caption_faithfulness(cfg, image, prompts, st.device)
     scores["rows"]["image_model_per_frame"]["caption_faithfulness"] = round(faith, 3)
@@ -442,16 +521,20 @@ def phase_eval(cfg, st, t_start):
 
 
 def phases_to_run(cfg):
-    """--phase auto: image (only when there is no image model yet), then video and eval."""
+    """--phase auto: image and classifier (each only when there is none for this world yet), then
+    video and eval."""
     if cfg.phase != "auto":
         return [cfg.phase]
+    phases = []
     path = image_model_path(cfg)
     if not path.is_file():
-        return ["image", "video", "eval"]
-    if render.load_tensors(path)[1].get("world_version") != str(render.WORLD_VERSION):
+        phases.append("image")
+    elif render.load_tensors(path)[1].get("world_version") != str(render.WORLD_VERSION):
         print(f"note: {path} is for another world; phase image trains one for this world first")
-        return ["image", "video", "eval"]
-    return ["video", "eval"]
+        phases.append("image")
+    if model.find_classifier(cfg.out, cfg.preset) is None:
+        phases.append("classifier")
+    return phases + ["video", "eval"]
 
 
 def read_world(cfg):
@@ -476,6 +559,8 @@ def main():
     t_start = time.time()
     if "image" in phases:
         phase_image(cfg, st)
+    if "classifier" in phases:
+        phase_classifier(cfg, st)
     if "video" in phases:
         phase_video(cfg, st)
     if "eval" in phases and rank == 0:

@@ -3,9 +3,10 @@ model, text-to-image) -> orbit video (the stage-1 video model, image + text to v
 folder per prompt, in exactly the format of the real assets, so train_lrm.py reads both with one
 loader. Images can be prompts too (--images DIR): they become the first frames.
 
-A simple automatic filter stands in for the paper's DINO-feature classifier: it rejects orbits
-whose views are almost all background, flooded with colour, whose object area jumps between
-neighbouring views, or whose object colour drifts away from the first frame's (--no_filter: off).
+The filter stands in for the paper's DINO-feature classifier: it rejects orbits whose views are
+almost all background, flooded with colour, whose object area jumps between neighbouring views, or
+whose object colour drifts away from the first frame's, and, with stage 1's category classifier,
+orbits whose views stop showing the prompt's category or main colour (--no_filter: off).
 
 Reads:  out/0_data/prompts.txt (or --prompts FILE, or --images DIR), out/1_video/*.safetensors
 Writes: out/2_views/<id>/ (000.png.., cameras.safetensors, prompt.txt), <id>.rejected markers,
@@ -51,6 +52,9 @@ class Config:
     max_area: float = 0.75  # filter: largest object share of any view
     max_jump: float = 0.6  # filter: largest relative change of object area between neighbours
     max_drift: float = 0.25  # filter: largest mean-colour distance of a view from the first frame
+    min_category: float = 0.5  # filter: least share of views the classifier calls the prompt's
+    # category (and, below, its main colour); needs the classifier, skipped without one
+    min_color: float = 0.5
     n_eval: int = 50  # held-out assets whose (view 0, caption) orbits are scored
 
 
@@ -62,7 +66,15 @@ PRESETS = {
     "paper": dict(num=4000000, batch=1024, steps=50, n_eval=1000),
 }
 
-REASONS = ("empty_view", "flooded_view", "area_jump", "colour_drift")  # what judge() can return
+# what judge() can return
+REASONS = (
+    "empty_view",
+    "flooded_view",
+    "area_jump",
+    "colour_drift",
+    "wrong_category",
+    "wrong_colour",
+)
 
 
 # ----------------------------------------------------------------------------- data
@@ -120,6 +132,7 @@ class Engine:
     image_unet: torch.nn.Module  # the stage-1 image model: caption -> first frame
     video_unet: torch.nn.Module  # the stage-1 video model: first frame + caption -> orbit
     items: list  # read_prompts(): (id, caption, first frame or None)
+    clf: torch.nn.Module | None  # the category classifier (stage 1's or the shipped one)
 
 
 def load(cfg, device, rank):
@@ -149,12 +162,20 @@ def load(cfg, device, rank):
     if unknown and rank == 0:
         words = ", ".join(sorted(unknown)[:8])
         print(f"warning: words the text encoder has never seen map to <unk>: {words}")
-    return Engine(data, Path(cfg.out) / "2_views", views, res, image_unet, video_unet, items)
+    clf = model.find_classifier(cfg.out, cfg.preset)
+    if clf is None and rank == 0:
+        print(
+            "note: no category classifier (python finetune_video.py --phase classifier makes one):"
+        )
+        print("      the filter's category checks and the category_acc scores are left out")
+    out = Path(cfg.out) / "2_views"
+    return Engine(data, out, views, res, image_unet, video_unet, items, clf)
 
 
 # ----------------------------------------------------------------------------- the filter
-def judge(views, cfg):
-    """views (V,3,H,W) in [0,1] -> None if kept, else the reason for rejecting the orbit."""
+def judge(views, cfg, clf=None, caption=""):
+    """views (V,3,H,W) in [0,1] of a caption -> None if kept, else the reason for rejecting the
+    orbit. With the classifier clf, the views must go on showing what the caption names."""
     mask = render.object_mask(views)  # (V,H,W) object pixels
     area = mask.float().mean((1, 2))
     if area.min() < cfg.min_area:
@@ -167,6 +188,14 @@ def judge(views, cfg):
     colour = torch.stack([model.object_colour(v) for v in views])
     if (colour - colour[0]).abs().mean(1).max() > cfg.max_drift:
         return "colour_drift"
+    if clf is None:
+        return None
+    named = render.caption_labels(caption)  # -1: the caption names no category (or colour)
+    seen = model.judge_views(clf, views[None], [caption])
+    if named[0] >= 0 and seen["category_acc"] < cfg.min_category:
+        return "wrong_category"
+    if named[1] >= 0 and seen["color_acc"] < cfg.min_color:
+        return "wrong_colour"
     return None
 
 
@@ -238,7 +267,7 @@ def run_engine(cfg, engine, device, rank, world):
             cfg, engine.image_unet, engine.video_unet, names, captions, firsts, device
         )
         for (i, caption, _), orbit in zip(chunk, orbits):
-            reason = judge(orbit, cfg) if cfg.filter else None
+            reason = judge(orbit, cfg, engine.clf, caption) if cfg.filter else None
             if reason is None:
                 render.write_object(out / i, orbit, c2w, K, caption)
             else:
@@ -275,9 +304,24 @@ def evaluate(cfg, engine, device):
         for name, ks in (("synthetic", list(range(1, views))), ("synthetic_far", far)):
             m = model.view_metrics(gen[idx][:, ks].flatten(0, 1), true[idx][:, ks].flatten(0, 1))
             rows[name] = {k: round(v, 4) for k, v in m.items()}
+            if engine.clf is not None:
+                caps = [objs[i]["prompt"] for i in idx]
+                rows[name] |= model.judge_views(engine.clf, gen[idx][:, ks], caps)
         return rows
 
     return render.rows_by_split(dirs, score)
+
+
+def rejected_by_category(engine):
+    """The share of each category's prompts whose orbit the filter rejected -> {name: share}."""
+    rejected = {p.stem for p in engine.out.glob("*.rejected")}
+    counts = {}  # category -> [prompts, rejected]
+    for name, caption, _ in engine.items:
+        k = render.caption_labels(caption)[0]
+        count = counts.setdefault(render.CATEGORY_NAMES[k] if k >= 0 else "other", [0, 0])
+        count[0] += 1
+        count[1] += name in rejected
+    return {k: round(r / n, 3) for k, (n, r) in sorted(counts.items())}
 
 
 def summarise(cfg, engine, made, seconds, device):
@@ -301,6 +345,7 @@ def summarise(cfg, engine, made, seconds, device):
         res=engine.res,
         counts=dict(prompts=len(engine.items), kept=len(kept), rejected=len(reasons)),
         filter=stats,
+        rejected_by_category=rejected_by_category(engine),
         seconds=round(seconds, 1),
         orbits_per_minute=round(made / max(seconds, 1e-6) * 60, 1),
         world_version=render.WORLD_VERSION,

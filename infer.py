@@ -52,6 +52,7 @@ class Config:
     eval: str = ""  # folder of real assets: score the model on them instead
     n_eval: int = 0  # assets to score (0 = all)
     table: bool = False  # assemble out/table from the experiment's stage folders
+    eval_prompts: str = ""  # text-to-3D judged, (A) beside (C): a prompts file, or "held_out"
 
 
 PRESETS = {
@@ -122,33 +123,36 @@ def output_name(cfg, image=None, n_images=1):
     return image.stem
 
 
-def draw_first_frame(cfg, res, device):
-    """--prompt: the stage-1 image model under --out (else the shipped one of --preset) draws the
-    caption -> (3,res,res) in [0,1]."""
+def draw_first_frames(cfg, prompts, res, device):
+    """Text-to-image: the stage-1 image model under --out (else the shipped one of --preset) draws
+    each caption from the noise of seed + its index -> (N,3,res,res) in [0,1]."""
     path = Path(cfg.out) / "1_video/image_model.safetensors"
     if not path.is_file():
         path = Path(f"weights/image_model_{cfg.preset}.safetensors")
     unet, _ = model.load_unet(path, "image_model", "python finetune_video.py --phase image")
-    ids, unknown = unet.text.tokenize([cfg.prompt])
+    ids, unknown = unet.text.tokenize(prompts)
     if unknown:
         print(
             f"warning: unknown words {', '.join(sorted(unknown))} "
             "(the model only knows its captions' vocabulary); they are ignored"
         )
-    g = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn(1, 1, 3, unet.config.res, unet.config.res, generator=g)  # (B,F,3,H,W)
+    shape = (1, 3, unet.config.res, unet.config.res)
+    noise = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed + k))
+        for k in range(len(prompts))
+    ]
     unet = unet.to(device).eval()
-    img = model.sample(unet, ids.to(device), noise, steps=cfg.steps, guidance=cfg.guidance)
-    img = (img[:, 0].cpu() + 1) / 2  # (1,3,H,W) in [0,1]
-    if img.shape[-1] != res:
-        img = F.interpolate(img, size=(res, res), mode="area")
-    return img[0]
+    img = model.sample(
+        unet, ids.to(device), torch.stack(noise), steps=cfg.steps, guidance=cfg.guidance
+    )
+    img = (img[:, 0].float().cpu() + 1) / 2  # (N,3,H,W) in [0,1]
+    return F.interpolate(img, size=(res, res), mode="area") if img.shape[-1] != res else img
 
 
 def read_inputs(cfg, res, device):
     """-> list of (name, image (3,res,res) in [0,1])."""
     if cfg.prompt:
-        return [(output_name(cfg), draw_first_frame(cfg, res, device))]
+        return [(output_name(cfg), draw_first_frames(cfg, [cfg.prompt], res, device)[0])]
     src = Path(cfg.image)
     files = [src]
     if src.is_dir():
@@ -257,10 +261,30 @@ def reconstruct(cfg, lrm, name, img, device):
         pass  # imageio-ffmpeg is optional
     for i in range(cfg.views):
         render.save_png(folder / "views" / f"{i:03d}.png", frames[i * cfg.turntable // cfg.views])
+    if cfg.prompt:
+        judge_prompt(cfg, folder, frames)
     steps = ", ".join(f"{step} {seconds:.2f} s" for step, seconds in times.items())
     total = sum(times.values())
     print(f"{name}: {len(v)} vertices, {len(f)} faces | {steps} = {total:.2f} s -> {folder}")
     return times
+
+
+def judge_prompt(cfg, folder, frames):
+    """Text-to-3D has no true views: the classifier says how much of the turntable (T,3,H,W) shows
+    the category and the colour that the prompt names -> judged.json, and one line."""
+    clf = model.find_classifier(cfg.out, cfg.preset)
+    category, colour = render.caption_labels(cfg.prompt)
+    if clf is None or category < 0:
+        why = "no category classifier" if clf is None else "the prompt names no known category"
+        return print(f"not judged: {why}")
+    scores = model.judge_views(clf, frames[None], [cfg.prompt])
+    render.save_json(folder / "judged.json", dict(prompt=cfg.prompt) | scores)
+    thing, hue = (
+        render.CATEGORY_NAMES[category],
+        list(render.COLOURS)[colour] if colour >= 0 else "-",
+    )
+    print(f"judged: {scores['category_acc']:.0%} of the turntable shows a {thing}, "
+          f"{scores['color_acc']:.0%} is {hue}")  # fmt: skip
 
 
 def evaluate(cfg, lrm, path, device, start):
@@ -276,7 +300,8 @@ def evaluate(cfg, lrm, path, device, start):
             f"{cfg.eval}: no real assets (object folders with surface.safetensors); "
             "pass out/0_data/assets"
         )
-    scores, _ = model.evaluate_lrm(lrm, folders, device, cfg.mesh_res, cfg.mesh_level)
+    clf = model.find_classifier(cfg.out, cfg.preset)
+    scores, _ = model.evaluate_lrm(lrm, folders, device, cfg.mesh_res, cfg.mesh_level, clf)
     name = cfg.name or f"eval_{path.parent.name}"
     seconds = round(time.perf_counter() - start, 1)
     metrics = dict(stage="infer", preset=cfg.preset, model=str(path), n_objects=len(folders))
@@ -285,6 +310,78 @@ def evaluate(cfg, lrm, path, device, start):
     )
     render.print_table(scores["rows"])
     return scores["rows"]
+
+
+def read_eval_prompts(cfg, world):
+    """--eval_prompts: a file's lines, or "held_out": two captions of each category drawn from
+    seeds no stage uses (the sheet split's, far past the ones categories.png shows)."""
+    if cfg.eval_prompts != "held_out":
+        path = Path(cfg.eval_prompts)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if not [line for line in lines if line.strip()]:
+            raise render.DataError(f"{path}: no such prompts file, or empty; one caption a line")
+        return [line.strip() for line in lines if line.strip()]
+    n = 2 * len(render.CATEGORIES)
+    seeds = [render.object_seed(world, "sheet", 100_000 + i) for i in range(n)]
+    return [
+        render.make_object(s, i % len(render.CATEGORIES))["caption"] for i, s in enumerate(seeds)
+    ]
+
+
+@torch.no_grad()
+def orbit_views(lrm, firsts, device, views=8):
+    """Input views (N,3,H,W) -> each one's triplane rendered on the fixed orbit, the input view
+    left out -> (N,views-1,3,H,W)."""
+    c2w, K = render.orbit(views)
+    out = []
+    for chunk in firsts.split(8):
+        n = len(chunk)
+        cam = model.camera_vector(model.CANONICAL.expand(n, 4, 4), K[:1].expand(n, 3, 3))
+        planes = lrm(chunk.to(device), cam.to(device))
+        cams = (c2w.expand(n, -1, -1, -1).to(device), K.expand(n, -1, -1, -1).to(device))
+        rgb, _ = lrm.render(planes, *cams, lrm.config.res, samples=(16, 16), stratified=False)
+        out.append(rgb[:, 1:].float().cpu())
+    return torch.cat(out)
+
+
+def eval_prompts(cfg, device):
+    """Text-to-3D judged without true views (the paper's Table 2 in miniature): each prompt's
+    first frame drawn by the image model, then (A) and (C) each turn it into a triplane whose
+    orbit the classifier judges against the prompt, over all prompts and over the seen and
+    unseen categories apart -> out/5_infer/eval_prompts/metrics.json and a table."""
+    meta0 = render.read_meta(Path(cfg.out) / "0_data", "python render.py")
+    world = render.Config(**meta0["config"])
+    clf = model.find_classifier(cfg.out, cfg.preset)
+    if clf is None:
+        raise render.DataError("no classifier; run `python finetune_video.py --phase classifier`")
+    prompts = read_eval_prompts(cfg, world)
+    firsts = draw_first_frames(cfg, prompts, meta0["config"]["res"], device)  # (N,3,H,W)
+    seen = [render.caption_labels(p)[0] < world.categories_3d for p in prompts]
+    splits = {"seen": [k for k, s in enumerate(seen) if s]}
+    splits["unseen"] = [k for k, s in enumerate(seen) if not s]
+    views = {}
+    for row in ("A_3d_only", "C_synthetic_then_3d"):
+        lrm, _ = model.load_lrm(Path(cfg.out) / RUNS[row] / "lrm.safetensors", "bash run_all.sh")
+        views[row] = orbit_views(lrm.to(device), firsts, device)
+
+    def score(idx):
+        """(A) and (C) over the prompts idx."""
+        return {
+            row: model.judge_views(clf, v[idx], [prompts[k] for k in idx])
+            for row, v in views.items()
+        }
+
+    metrics = dict(stage="infer", preset=cfg.preset, n_prompts=len(prompts), prompts=prompts)
+    metrics |= dict(rows=score(list(range(len(prompts)))), splits={})
+    for split, idx in splits.items():
+        if idx:
+            metrics["splits"][split] = dict(n_prompts=len(idx), rows=score(idx))
+    render.save_json(Path(cfg.out) / "5_infer/eval_prompts/metrics.json", metrics)
+    print(f"text-to-3D, {len(prompts)} prompts ({len(splits['seen'])} of seen categories):")
+    render.print_table(metrics["rows"])
+    for split, m in metrics["splits"].items():
+        print(f"{split} categories:")
+        render.print_table(m["rows"])
 
 
 # ----------------------------------------------------------------------------- the experiment table
@@ -373,7 +470,8 @@ def scaling_curve(cfg, name, rows, info, curve):
             pts.append((s3["train_objects"], row, rows[row]))
     if not pts:  # that curve's runs have not been made
         return
-    body = [[str(n), row, *(f"{r[k]:.4f}" for k in render.METRIC_KEYS)] for n, row, r in pts]
+    cells = [[f"{r[k]:.4f}" if k in r else "-" for k in render.METRIC_KEYS] for _, _, r in pts]
+    body = [[str(n), row, *c] for (n, row, _), c in zip(pts, cells)]
     text = markdown(["synthetic objects", "row", *render.METRIC_KEYS], body)
     render.write_text(name.with_suffix(".md"), text)
     try:
@@ -423,6 +521,8 @@ def main():
     if cfg.table:
         return experiment_table(cfg)
     device, _, _ = model.setup(cfg)
+    if cfg.eval_prompts:
+        return eval_prompts(cfg, device)
     path = Path(cfg.model) if cfg.model else default_model(cfg)
     start = time.perf_counter()
     lrm, meta = model.load_lrm(path, "python train_lrm.py")

@@ -719,6 +719,80 @@ def ssim_loss(x, y, window=7):
     return 1 - s.mean()
 
 
+# ----------------------------------------------------------------------------- the classifier
+@dataclass
+class ClassifierConfig:
+    res: int  # the views it was trained on, pixels (others are resized to it)
+    width: int = 32  # channels of the first stage (then 2x, 4x)
+    n_categories: int = len(render.CATEGORIES)
+    n_colours: int = len(render.COLOURS)
+
+
+class Classifier(nn.Module):
+    """The paper's pretrained perception models in miniature (its DINO-feature filter, its CLIP
+    scores): a small CNN that names a view's category and its main colour, trained on the single
+    views. Three stages of two 3x3 convolutions (the second halves the size), then the mean over
+    the image. Views (B,3,H,W) in [0,1] on white -> category logits (B,16), colour logits (B,8)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        chans = (3, cfg.width, 2 * cfg.width, 4 * cfg.width)
+        layers = []
+        for cin, cout in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+            layers += [nn.Conv2d(cout, cout, 3, 2, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.category = nn.Linear(chans[-1], cfg.n_categories)
+        self.colour = nn.Linear(chans[-1], cfg.n_colours)
+
+    def forward(self, views):
+        if views.shape[-1] != self.config.res:
+            views = F.interpolate(views, size=self.config.res, mode="bilinear", antialias=True)
+        h = self.features(views * 2 - 1).mean((2, 3))  # (B,4w)
+        return self.category(h), self.colour(h)
+
+
+def find_classifier(out, preset):
+    """Stage 1's classifier (out/1_video), else the shipped one of this preset and world, else
+    None: the scores that need it are left out."""
+    own = Path(out) / "1_video/classifier.safetensors"
+    shipped = Path(f"weights/classifier_{preset}.safetensors")
+    if own.is_file():
+        return load_classifier(own)
+    if shipped.is_file():
+        version = render.load_tensors(shipped)[1].get("world_version")
+        return load_classifier(shipped) if version == str(render.WORLD_VERSION) else None
+    return None
+
+
+def load_classifier(path):
+    """A classifier checkpoint -> the model, in eval mode."""
+    hint = "python finetune_video.py --phase classifier"
+    tensors, conf, _ = load_checkpoint(path, "classifier", hint)
+    clf = Classifier(ClassifierConfig(**conf))
+    load_weights(clf, tensors, path)
+    return clf.eval()
+
+
+@torch.no_grad()
+def classify(clf, views):
+    """Views (N,3,H,W) in [0,1] -> the classifier's category (N,) and main colour (N,)."""
+    out = [clf(chunk.float().cpu()) for chunk in views.split(256)]
+    return torch.cat([a.argmax(-1) for a, _ in out]), torch.cat([b.argmax(-1) for _, b in out])
+
+
+def judge_views(clf, views, captions):
+    """The share of views (N,V,3,H,W) or (N,3,H,W) in [0,1] that the classifier gives the category
+    and the main colour their captions (N,) name -> dict(category_acc, color_acc)."""
+    labels = torch.tensor([render.caption_labels(c) for c in captions])  # (N,2)
+    flat = views.flatten(0, 1) if views.dim() == 5 else views
+    labels = labels.repeat_interleave(len(flat) // len(captions), 0)  # one row per view
+    category, colour = classify(clf, flat)
+    hits = dict(category_acc=category == labels[:, 0], color_acc=colour == labels[:, 1])
+    return {k: round(hit.float().mean().item(), 4) for k, hit in hits.items()}
+
+
 # ----------------------------------------------------------------------------- evaluation
 def object_colour(img):
     """Mean colour of an image's object pixels (not near-white), (3,H,W) -> (3,); white if none."""
@@ -765,15 +839,17 @@ def evaluate_object(lrm, folder, device, mesh_res, level):
     world = torch.linalg.inv(M[0])  # canonical frame -> world frame
     pts = pts @ world[:3, :3].T + world[:3, 3]
     surf, _ = render.load_tensors(Path(folder) / "surface.safetensors")
-    return dict(pred=rgb[0].cpu(), views=ob["images"], points=pts, surface=surf["points"])
+    out = dict(pred=rgb[0].cpu(), views=ob["images"], points=pts, surface=surf["points"])
+    return out | dict(prompt=ob["prompt"])
 
 
 @torch.no_grad()
-def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0):
+def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0, clf=None):
     """DESIGN.md's held-out evaluation: input = view 0; PSNR/SSIM/colour of the other views,
-    Chamfer-L1 and F-score (tau 0.05) of the mesh against the true surface; with the baselines
-    "copy the input view" and "a sphere of radius 0.5", over all folders and the seen and unseen
-    categories apart -> ({"rows", "splits"}, rendered views (N,V-1,3,H,W))."""
+    Chamfer-L1 and F-score (tau 0.05) of the mesh against the true surface, and with a classifier
+    clf the views' category_acc and color_acc; with the baselines "copy the input view" and "a
+    sphere of radius 0.5", over all folders and the seen and unseen categories apart
+    -> ({"rows", "splits"}, rendered views (N,V-1,3,H,W))."""
     gen = torch.Generator().manual_seed(0)
     ball = F.normalize(torch.randn(10000, 3, generator=gen), dim=-1) * 0.5  # sphere of radius 0.5
     obs = [evaluate_object(lrm, folder, device, mesh_res, level) for folder in folders]
@@ -793,6 +869,10 @@ def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0):
         for row, scores in geo.items():
             rows[row]["chamfer_l1"] = float(np.mean([scores[i][0] for i in idx]))
             rows[row]["fscore"] = float(np.mean([scores[i][1] for i in idx]))
+        if clf is not None:  # does each view still show the caption's category and colour?
+            caps = [obs[i]["prompt"] for i in idx]
+            rows["lrm"] |= judge_views(clf, pred.unflatten(0, (len(idx), -1)), caps)
+            rows["copy_input"] |= judge_views(clf, copy.unflatten(0, (len(idx), -1)), caps)
         return {name: {k: round(x, 4) for k, x in r.items()} for name, r in rows.items()}
 
     return render.rows_by_split(folders, score), torch.stack([ob["pred"] for ob in obs])

@@ -488,6 +488,16 @@ def rotation(turn_deg):
     return rz @ ry @ rx
 
 
+def caption_labels(text):
+    """What a caption names: (its first category word, its first colour word) as indices into
+    CATEGORIES and COLOURS, -1 for what it names none of. The world's captions name the category
+    and lead with the body's colour."""
+    words = re.findall(r"[a-z]+", text.lower())
+    category = next((CATEGORY_NAMES.index(w) for w in words if w in CATEGORY_NAMES), -1)
+    colour = next((list(COLOURS).index(w) for w in words if w in COLOURS), -1)
+    return category, colour
+
+
 def caption_of(category, colours):
     """The category's caption with its colours' names, and "an" before a vowel."""
     text = category.caption.format(*[list(COLOURS)[c] for c in colours])
@@ -521,6 +531,7 @@ def make_object(seed, category):
         caption=caption_of(recipe, colours),
         category=recipe.name,
         slots=colours,  # the colour of each role, in the order the caption names them
+        facing=float(np.rad2deg(np.arctan2(facing[1, 0], facing[0, 0])) % 360),  # degrees about z
     )
 
 
@@ -871,16 +882,17 @@ def chamfer_fscore(pred, gt, tau=0.05):
     return (d_pg.mean().item() + d_gp.mean().item()) / 2, 2 * prec * rec / max(prec + rec, 1e-8)
 
 
-METRIC_KEYS = ("psnr", "ssim", "color_err", "chamfer_l1", "fscore")  # every metrics.json row's keys
+# every metrics.json row's keys, those that apply; the last two need the classifier
+METRIC_KEYS = ("psnr", "ssim", "color_err", "chamfer_l1", "fscore", "category_acc", "color_acc")
 
 
 def print_table(rows):
     """Rows of metrics ({name: {key: value}}) as an aligned table;
     '-' where a key does not apply."""
     keys = [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
-    print(f"{'row':28s}" + "".join(f"{k:>11s}" for k in keys))
+    print(f"{'row':28s}" + "".join(f"{k:>13s}" for k in keys))
     for name, r in rows.items():
-        print(f"{name:28s}" + "".join(f"{r[k]:11.4f}" if k in r else f"{'-':>11s}" for k in keys))
+        print(f"{name:28s}" + "".join(f"{r[k]:13.4f}" if k in r else f"{'-':>13s}" for k in keys))
 
 
 # ----------------------------------------------------------------------------- object folders

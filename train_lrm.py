@@ -363,7 +363,9 @@ def finish(cfg, job, lrm, data, test, seconds):
     info = dict(stage=job.stage, steps=cfg.steps, data=str(job.data), n_objects=len(data["images"]))
     model.save_checkpoint(job.out / "lrm.safetensors", lrm.state_dict(), "lrm", lrm.config, **info)
     save_samples(job.out / "samples/final.png", lrm, test, job.device)
-    scores, _ = model.evaluate_lrm(lrm, test["dirs"], job.device, cfg.mesh_res, cfg.mesh_level)
+    clf = model.find_classifier(cfg.out, cfg.preset)
+    mesh = (cfg.mesh_res, cfg.mesh_level)
+    scores, _ = model.evaluate_lrm(lrm, test["dirs"], job.device, *mesh, clf)
     head = dict(stage=job.stage, preset=cfg.preset)
     sizes = dict(n_objects=len(test["dirs"]), train_objects=len(data["images"]), steps=cfg.steps)
     metrics = head | dict(seconds=round(seconds, 1)) | sizes | scores

@@ -42,7 +42,8 @@ def test_run_all_writes_every_stage_and_the_table(pipeline):
     rows = json.loads((pipeline / "table/metrics.json").read_text())["rows"]
     expected = {"A_3d_only", "B_synthetic_only", "C_synthetic_then_3d", "copy_input", "sphere"}
     assert expected <= set(rows)
-    assert {"psnr", "ssim", "color_err", "chamfer_l1", "fscore"} <= set(rows["C_synthetic_then_3d"])
+    keys = {"psnr", "ssim", "color_err", "chamfer_l1", "fscore", "category_acc", "color_acc"}
+    assert keys <= set(rows["C_synthetic_then_3d"])
     assert (pipeline / "table/table.md").is_file()
     assert list((pipeline / "table").glob("compare_*.gif"))
     s3, s4, s_a = (

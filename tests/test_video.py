@@ -93,7 +93,9 @@ def test_micro_stage1_runs_all_three_phases(stage1):
     for r in ("video_model", "image_model_per_frame", "copy_input", "white"):
         assert {"psnr", "ssim"} <= set(rows[r]) and {"psnr", "ssim"} <= set(rows[r + "_far"])
     assert "caption_faithfulness" in rows["image_model_per_frame"]
-    assert json.loads((out / "meta.json").read_text())["phases"] == ["image", "video", "eval"]
+    assert {"category_acc", "color_acc"} <= set(rows["video_model_far"])  # the classifier's
+    phases = ["image", "classifier", "video", "eval"]  # no micro image model nor classifier ships
+    assert json.loads((out / "meta.json").read_text())["phases"] == phases
 
 
 def test_fine_tune_changes_only_temporal_tensors(stage1):
