@@ -64,6 +64,7 @@ class Config:
     # the views are laid out
     video_ema: float = 0.99  # EMA decay of the temporal weights
     video_shift: bool = True  # start each training orbit at a random view (cyclic shift: 8x orbits)
+    train_spatial: bool = False  # phase video trains every UNet weight (what the paper rejects)
     warmup: int = 100  # linear warm-up steps, then cosine decay to 10%
     cfg_drop: float = 0.1  # share of captions dropped in training (for classifier-free guidance)
     sample_steps: int = 10  # DDIM steps when sampling
@@ -439,7 +440,8 @@ def validate_classifier(data, clf, views, captions, first):
 
 def phase_video(cfg, st):
     """Sec. 3.1: zero-initialised temporal layers in the image model, every other weight frozen;
-    only the temporal layers are trained, on the orbits with frame 0 given clean."""
+    only the temporal layers are trained, on the orbits with frame 0 given clean
+    (--train_spatial: every weight, the alternative the paper rejects)."""
     src, own = image_model_path(cfg), st.out / "image_model.safetensors"
     mv = ints(cfg.mv_attn_res)
     unet, _ = model.load_unet(src, "image_model", HINT_IMAGE, frames=st.views, mv_attn_res=mv)
@@ -447,7 +449,7 @@ def phase_video(cfg, st):
     if st.rank == 0 and src.resolve() != own.resolve():
         render.atomic_write(own, lambda t: shutil.copyfile(src, t))
     for n, p in unet.named_parameters():
-        p.requires_grad = n.startswith("temporal.")
+        p.requires_grad = cfg.train_spatial or n.startswith("temporal.")
     unet = unet.to(st.device).to(memory_format=torch.channels_last)
     train_dirs = sorted(p.parent for p in (st.data / "assets/train").glob("*/000.png"))
     orbits, caps = load_orbits(train_dirs, st.views, st.res)
@@ -475,7 +477,8 @@ def phase_video(cfg, st):
         )
         model.save_checkpoint(path, unet.state_dict(), "video_model", unet.config, **info)
         n = sum(p.numel() for p in params) / 1e6
-        print(f"video model: {n:.2f}M temporal parameters trained, {secs / 60:.1f} min -> {path}")
+        which = "all" if cfg.train_spatial else "temporal"
+        print(f"video model: {n:.2f}M {which} parameters trained, {secs / 60:.1f} min -> {path}")
 
 
 def phase_eval(cfg, st, t_start):
