@@ -40,6 +40,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0  # repeatable runs on one machine
     prompts: str = ""  # text prompts, one a line ("" = <out>/0_data/prompts.txt)
+    video_model: str = ""  # stage-1 video model ("" = <out>/1_video's; weights/ has a shipped one)
+    image_model: str = ""  # its image model ("" = <out>/1_video's, else the shipped one)
     images: str = ""  # folder of PNG/JPG images used as first frames instead (+ captions.txt)
     num: int = 1000  # prompts to turn into orbits (the first `num` of the file)
     batch: int = 25  # orbits generated together
@@ -135,22 +137,44 @@ class Engine:
     clf: torch.nn.Module | None  # the category classifier (stage 1's or the shipped one)
 
 
+def stage1_models(cfg):
+    """The paths of the two stage-1 models: --video_model, else out/1_video's (whose meta.json must
+    be of this preset); --image_model, else out/1_video's, else the shipped one."""
+    own = Path(cfg.out) / "1_video"
+    video = Path(cfg.video_model) if cfg.video_model else own / "video_model.safetensors"
+    if not video.is_file():
+        shipped = f"weights/video_model_{cfg.preset}.safetensors"
+        raise render.DataError(
+            f"{video}: missing; run `python finetune_video.py` first, "
+            f"or pass --video_model {shipped} to start from the shipped one"
+        )
+    if not cfg.video_model:
+        meta1 = render.read_meta(own, "python finetune_video.py")
+        if meta1.get("preset") != cfg.preset:
+            raise render.DataError(
+                f"{own}: stage 1 was run with preset {meta1.get('preset')}, not {cfg.preset}; "
+                f"rerun it with --preset {cfg.preset}"
+            )
+    image = own / "image_model.safetensors"
+    if cfg.image_model or not image.is_file():
+        image = Path(cfg.image_model or f"weights/image_model_{cfg.preset}.safetensors")
+    return image, video
+
+
 def load(cfg, device, rank):
-    """Stages 0-1's metas (the same preset, the orbit's size), the two models, the prompts."""
+    """Stage 0's meta (the same preset, the orbit's size), the two models, the prompts."""
     data = Path(cfg.out) / "0_data"
     meta0 = render.read_meta(data, "python render.py")
-    meta1 = render.read_meta(Path(cfg.out) / "1_video", "python finetune_video.py")
-    if meta1.get("preset") != cfg.preset or meta0.get("preset") != cfg.preset:
+    if meta0.get("preset") != cfg.preset:
         raise render.DataError(
-            f"{cfg.out}: stages 0-1 were run with preset {meta1.get('preset')}, not {cfg.preset}; "
-            f"rerun them with --preset {cfg.preset}"
+            f"{data}: stage 0 was run with preset {meta0.get('preset')}, not {cfg.preset}; "
+            f"rerun it with --preset {cfg.preset}"
         )
     views = meta0["config"]["views"]
     res = meta0["config"]["res"]
     hint = "python finetune_video.py" + (f" --preset {cfg.preset}" if cfg.preset != "tiny" else "")
-    path = Path(cfg.out) / "1_video/image_model.safetensors"
-    image_unet = model.load_unet(path, "image_model", hint)[0].to(device).eval()
-    path = Path(cfg.out) / "1_video/video_model.safetensors"
+    image_path, path = stage1_models(cfg)
+    image_unet = model.load_unet(image_path, "image_model", hint)[0].to(device).eval()
     video_unet = model.load_unet(path, "video_model", hint)[0].to(device).eval()
     if video_unet.config.res != res or video_unet.config.frames != views:
         raise render.DataError(

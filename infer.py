@@ -65,10 +65,15 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- inputs
 def default_model(cfg):
-    """The newest LRM under --out: stage 4's fine-tuned one, else stage 3's."""
+    """The newest LRM under --out (stage 4's fine-tuned one, else stage 3's), else the shipped one
+    of --preset, said in one line."""
     for stage in ("4_finetune", "3_lrm"):
         if (Path(cfg.out) / stage / "lrm.safetensors").is_file():
             return Path(cfg.out) / stage / "lrm.safetensors"
+    shipped = Path(f"weights/lrm_{cfg.preset}.safetensors")
+    if shipped.is_file():
+        print(f"no trained LRM under {cfg.out}/: using the shipped one, {shipped}")
+        return shipped
     raise render.DataError(
         f"{cfg.out}: no trained LRM (4_finetune/ or 3_lrm/); "
         "run `python train_lrm.py` or pass --model"

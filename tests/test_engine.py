@@ -120,6 +120,8 @@ def test_bad_inputs_get_one_line_errors_and_write_nothing(case, micro1, micro, t
     p = run_script(*engine(out, *extra), check=False)
     assert one_line_error(p), p.stderr
     assert not (out / "2_views").exists()
+    if case == "no_stage1":  # both ways on: train stage 1, or start from the shipped model
+        assert "python finetune_video.py" in p.stderr and "--video_model weights/" in p.stderr
 
 
 def test_images_as_prompts(micro1, tmp_path):
