@@ -285,9 +285,10 @@ def save_grid(path, rows, scale=3):
     render.save_png(path, F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0])
 
 
-def caption_faithfulness(cfg, unet, prompts, device, grid=None):
+def caption_faithfulness(cfg, unet, prompts, device, grid=None, clf=None):
     """Share of samples whose dominant object colour is the colour their caption names first (the
-    object's main colour: its body); the first 32 samples go to the PNG `grid` (8 a row)."""
+    object's main colour: its body), and with a classifier the share it calls the category the
+    caption names; the first 32 samples go to the PNG `grid` (8 a row) -> dict."""
     colours = list(render.COLOURS)
     one = prompts[: cfg.n_faithful]
     named = [colours.index(next(w for w in p.split() if w in colours)) for p in one]
@@ -300,7 +301,11 @@ def caption_faithfulness(cfg, unet, prompts, device, grid=None):
     imgs = torch.cat(imgs)  # (N,3,H,W) in [0,1]
     if grid:
         save_grid(grid, [imgs[i : i + 8] for i in range(0, min(len(imgs), 32), 8)])
-    return float(np.mean([model.dominant_colour(im) == c for im, c in zip(imgs, named)]))
+    faith = float(np.mean([model.dominant_colour(im) == c for im, c in zip(imgs, named)]))
+    if clf is None:
+        return dict(caption_faithfulness=round(faith, 3))
+    share = model.judge_views(clf, imgs, one)["category_acc"]
+    return dict(caption_faithfulness=round(faith, 3), caption_category=share)
 
 
 DIGITS = {"psnr": 3, "ssim": 4, "color_err": 4}  # metrics.json rounds each metric to these digits
@@ -359,17 +364,15 @@ def phase_image(cfg, st):
 
     def on_sample(step):
         """Samples -> samples/image_<step>.png, and their caption faithfulness."""
-        faith = caption_faithfulness(
-            cfg, unet, prompts, st.device, st.out / f"samples/image_{step:06d}.png"
-        )
+        grid = st.out / f"samples/image_{step:06d}.png"
+        faith = caption_faithfulness(cfg, unet, prompts, st.device, grid)["caption_faithfulness"]
         tqdm.write(f"step {step}: caption faithfulness {faith:.2f}")
 
     batches = batcher(imgs, ids, cfg.image_batch, 1)
     secs = train(cfg, unet, Run("image", list(unet.parameters()), batches, on_sample), st)
     if st.rank == 0:
-        faith = caption_faithfulness(
-            cfg, unet, prompts, st.device, st.out / "samples/image_final.png"
-        )
+        grid = st.out / "samples/image_final.png"
+        faith = caption_faithfulness(cfg, unet, prompts, st.device, grid)["caption_faithfulness"]
         info = dict(steps=cfg.image_steps, seconds=round(secs), caption_faithfulness=faith)
         path = st.out / "image_model.safetensors"
         model.save_checkpoint(
@@ -514,8 +517,9 @@ def phase_eval(cfg, st, t_start):
 
     scores = render.rows_by_split(folders, score_split)
     prompts = (st.data / "prompts.txt").read_text().splitlines()
-    faith = caption_faithfulness(cfg, image, prompts, st.device)
-    scores["rows"]["image_model_per_frame"]["caption_faithfulness"] = round(faith, 3)
+    scores["rows"]["image_model_per_frame"] |= caption_faithfulness(
+        cfg, image, prompts, st.device, clf=clf
+    )
     write_eval_pictures(st.out, gens["video_model"], true)
     seconds = round(time.time() - t_start, 1)
     metrics = dict(stage="finetune_video", preset=cfg.preset, seconds=seconds, n_objects=len(true))

@@ -93,7 +93,7 @@ def test_mesh_renderer_agrees_with_the_exact_renderer():
     the exact renderer: above 30 dB at 32x32."""
     cfg = render.Config()
     c2w, K = render.orbit(8)
-    for i in (0, 3):  # a house and a giraffe: parts turned, front unlike back
+    for i in (0, 3):  # a house and a teapot: parts turned, front unlike back
         obj = render.world_object(cfg, "test_unseen", i)
         packed = render.pack([obj])
 
