@@ -994,7 +994,8 @@ def read_ply(path):
         rows = body.decode("ascii", "replace").splitlines()
         vert = np.array([row.split()[: len(names)] for row in rows[:nv]], dtype=np.float64)
         vert = {name: vert[:, k] for k, name in enumerate(names)}
-        polys = [[int(x) for x in row.split()[1 : 1 + int(row.split()[0])]] for row in rows[nv:]]
+        rows = [row.split() for row in rows[nv : nv + nf]]
+        polys = [[int(x) for x in row[1 : 1 + int(row[0])]] for row in rows]
     elif fmt == "binary_little_endian":
         vdt = np.dtype([(name, "<" + t) for name, t, _ in vprops])
         vert = np.frombuffer(body, vdt, count=nv)
@@ -1009,7 +1010,7 @@ def read_ply(path):
     else:
         raise DataError(f"{path}: PLY format {fmt!r}; export it as ascii or binary little-endian")
     v = torch.tensor(np.stack([vert[a] for a in "xyz"], -1), dtype=torch.float32)
-    faces = [(p[0], p[k], p[k + 1]) for p in polys[:nf] for k in range(1, len(p) - 1)]
+    faces = [(p[0], p[k], p[k + 1]) for p in polys for k in range(1, len(p) - 1)]
     rgb = None
     if {"red", "green", "blue"} <= set(names):
         rgb = torch.tensor(np.stack([vert[c] for c in ("red", "green", "blue")], -1)).float()

@@ -111,6 +111,18 @@ def test_mesh_renderer_agrees_with_the_exact_renderer():
         assert psnr > 30, f"{obj['category']}: {psnr:.1f} dB"
 
 
+def test_ascii_ply_with_a_quad_and_uchar_colours(tmp_path):
+    head = "ply\nformat ascii 1.0\nelement vertex 4\n"
+    head += "".join(f"property float {a}\n" for a in "xyz")
+    head += "".join(f"property uchar {c}\n" for c in ("red", "green", "blue"))
+    head += "element face 1\nproperty list uchar int vertex_indices\nend_header\n"
+    body = "0 0 0 255 0 0\n1 0 0 0 255 0\n1 1 0 0 0 255\n0 1 0 255 255 255\n4 0 1 2 3\n"
+    (tmp_path / "quad.ply").write_text(head + body)
+    v, f, rgb = render.read_ply(tmp_path / "quad.ply")
+    assert v.shape == (4, 3) and f.tolist() == [[0, 1, 2], [0, 2, 3]]
+    assert torch.equal(rgb[0], torch.tensor([1.0, 0, 0])) and torch.equal(rgb[3], torch.ones(3))
+
+
 def write_meshes(folder):
     """A ball with vertex colours (PLY), a box a thousand times too large and off centre (OBJ,
     +y up, no colours), and three files that are not usable."""
