@@ -76,7 +76,7 @@ class Config:
     sample_every: int = 2000  # steps between sample grids in samples/
     ckpt_every: int = 250  # steps between resumable checkpoints
     # the category classifier (phase classifier), the stand-in for the paper's DINO and CLIP
-    classifier_steps: int = 1500  # optimizer steps
+    classifier_steps: int = 3000  # optimizer steps
     classifier_batch: int = 64  # views per step
     classifier_lr: float = 2e-3  # peak learning rate (warm-up, then cosine)
     classifier_width: int = 32  # channels of its first stage (then 2x, 4x)
