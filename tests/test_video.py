@@ -112,6 +112,19 @@ def test_fine_tune_changes_only_temporal_tensors(stage1):
     assert temporal and any(not torch.equal(video[k], fresh[k]) for k in trained)
 
 
+def test_train_spatial_trains_the_spatial_weights_too(tmp_path, stage1):
+    micro, _ = stage1
+    (tmp_path / "0_data").symlink_to(micro / "0_data")
+    (tmp_path / "1_video").mkdir()
+    image = micro / "1_video/image_model.safetensors"
+    flags = ["--phase", "video", "--image_model", image, "--train_spatial", "true"]
+    p = run_script("finetune_video.py", "--preset", "micro", "--out", tmp_path, *flags)
+    assert "all parameters trained" in p.stdout
+    before, _ = render.load_tensors(image)
+    after, _ = render.load_tensors(tmp_path / "1_video/video_model.safetensors")
+    assert sum(not torch.equal(v, after[k]) for k, v in before.items()) > len(before) // 2
+
+
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path, stage1):
     micro, _ = stage1
 
