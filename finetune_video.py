@@ -577,6 +577,7 @@ def main():
         meta |= dict(views=views, res=res, phases=phases, versions=dict(torch=torch.__version__))
         render.save_json(st.out / "meta.json", meta | dict(world_version=render.WORLD_VERSION))
         minutes = (time.time() - t_start) / 60
+        render.write_index(cfg.out)
         print(f"stage 1 ({', '.join(phases)}) done in {minutes:.1f} min -> {st.out}")
         print("next: python generate_views.py")
     if world > 1:

@@ -384,6 +384,7 @@ def summarise(cfg, engine, made, seconds, device):
     )
     print("the engine on the held-out assets (view 0 + caption), seen and unseen categories:")
     render.print_table(scores["rows"])
+    render.write_index(cfg.out)
     print("next: python train_lrm.py")
 
 

@@ -462,6 +462,7 @@ def experiment_table(cfg):
         curve = [f"C_synthetic_{part}{real}" for part in ("quarter", "half", "then_3d")]
         scaling_curve(cfg, table / f"scaling{real}", rows, info, curve)
     comparison_gifs(cfg, table)
+    render.write_index(cfg.out)
     return rows
 
 
@@ -543,6 +544,7 @@ def main():
         )
     for name, img in read_inputs(cfg, lrm.config.res, device):
         reconstruct(cfg, lrm, name, img, device)
+    render.write_index(cfg.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Paper:  the stand-in for Objaverse renders (VFusion3D Sec. 3.1 fine-tunes on orb
 
 import argparse
 import dataclasses
+import html
 import inspect
 import json
 import os
@@ -895,6 +896,49 @@ def print_table(rows):
         print(f"{name:28s}" + "".join(f"{r[k]:13.4f}" if k in r else f"{'-':>13s}" for k in keys))
 
 
+# ----------------------------------------------------------------------------- out/index.html
+# The page's sections: title, stage folder under --out, the pictures in it, the command.
+PAGE = (
+    ("Stage 0: the world", "0_data", "categories.png preview.png", "python render.py"),
+    ("Stage 1: video model", "1_video", "eval_grid.png eval.gif", "python finetune_video.py"),
+    ("Stage 2: the data engine", "2_views", "preview.png", "python generate_views.py"),
+    ("Stage 3: (B) synthetic only", "3_lrm", "samples/final.png", "python train_lrm.py"),
+    ("Stage 4: (C) synthetic + real", "4_finetune", "samples/final.png", "python finetune_3d.py"),
+    ("(A) real only", "4_from_scratch", "samples/final.png", "finetune_3d.py --from_scratch"),
+    ("Stage 5: image to 3D", "5_infer/demo", "input.png turntable.gif", "python infer.py --image"),
+    ("Table: input | A | C | truth", "table", "compare_0.gif compare_1.gif", "infer.py --table"),
+)  # fmt: skip
+
+
+def metrics_html(rows):
+    """A metrics.json's rows as an HTML table, '-' where a key does not apply."""
+    keys = [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
+    lines = ["<table><tr>" + "".join(f"<th>{k}</th>" for k in ["row", *keys]) + "</tr>"]
+    for name, r in rows.items():
+        cells = [f"{r[k]:.4f}" if k in r else "-" for k in keys]
+        lines.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells))
+    return "\n".join(lines) + "</table>"
+
+
+def write_index(out):
+    """out/index.html, rewritten at the end of each stage: every stage that has run, with its
+    pictures, its metrics.json rows and the command that made it. Plain HTML beside the files it
+    shows: no script, nothing fetched, it opens offline."""
+    style = "img{image-rendering:pixelated;margin:4px}td,th{padding:2px 8px;text-align:right}"
+    parts = [f"<!doctype html><meta charset='utf-8'><title>VFusion3D</title><style>{style}</style>"]
+    parts.append(f"<h1>VFusion3D, workshop edition: {html.escape(str(out))}</h1>")
+    for title, folder, pictures, command in PAGE:
+        root = Path(out) / folder
+        found = [p for p in pictures.split() if (root / p).is_file()]
+        if not found:
+            continue
+        parts.append(f"<h2>{html.escape(title)}</h2><pre>{html.escape(command)}</pre>")
+        parts += [f"<img src='{folder}/{p}' alt='{p}'>" for p in found]
+        if (root / "metrics.json").is_file():
+            parts.append(metrics_html(json.loads((root / "metrics.json").read_text())["rows"]))
+    write_text(Path(out) / "index.html", "\n".join(parts) + "\n")
+
+
 # ----------------------------------------------------------------------------- object folders
 def write_object(folder, views, c2w, K, prompt, surface=None, info=None):
     """One object folder, written under a temporary name and renamed when complete.
@@ -1356,6 +1400,7 @@ def main():
     seconds = time.time() - t0
     if any(new for _, new in counts.values()) or not (root / "meta.json").is_file():
         write_preview_and_meta(cfg, root, conf, seconds)
+    write_index(cfg.out)
     print_summary(cfg, root, counts, seconds)
 
 

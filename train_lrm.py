@@ -373,6 +373,7 @@ def finish(cfg, job, lrm, data, test, seconds):
     made = dict(config=dataclasses.asdict(cfg), res=lrm.config.res)
     versions = dict(versions=dict(torch=torch.__version__), world_version=render.WORLD_VERSION)
     render.save_json(job.out / "meta.json", head | made | versions)
+    render.write_index(cfg.out)
     render.print_table(scores["rows"])
 
 

@@ -1,6 +1,7 @@
 """Stage 5 and the whole pipeline: run_all.sh at the micro preset, infer.py's outputs and errors."""
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -45,6 +46,9 @@ def test_run_all_writes_every_stage_and_the_table(pipeline):
     keys = {"psnr", "ssim", "color_err", "chamfer_l1", "fscore", "category_acc", "color_acc"}
     assert keys <= set(rows["C_synthetic_then_3d"])
     assert (pipeline / "table/table.md").is_file()
+    page = (pipeline / "index.html").read_text()  # one page to look at; every picture it shows
+    links = re.findall(r"src='([^']+)'", page)
+    assert len(links) >= 10 and all((pipeline / link).is_file() for link in links)
     assert list((pipeline / "table").glob("compare_*.gif"))
     s3, s4, s_a = (
         json.loads((pipeline / stage / "meta.json").read_text())["config"]["steps"]
