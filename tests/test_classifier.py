@@ -41,27 +41,12 @@ def test_classifier_shapes_and_safetensors_round_trip(tmp_path):
         model.load_lrm(path, "x")  # a classifier is not an LRM
 
 
-def held_out_views(n=128):
-    """Views of the tiny world's held-out single images (the last tenth of images/, which the
-    shipped classifier never trained on), rendered here, with their captions and azimuths."""
-    cfg = render.Config()
-    objs = [render.world_object(cfg, "images", cfg.n_images - 1 - i) for i in range(n)]
-    c2w, K = render.orbit(1)
-    rgba, _ = render.render_views(
-        render.pack(objs), torch.arange(n), c2w.expand(n, 4, 4), K.expand(n, 3, 3), cfg.res
-    )
-    views = rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:]
-    return views, [o["caption"] for o in objs]
-
-
-def test_shipped_classifier_scores_as_recorded():
-    clf = model.load_classifier(SHIPPED)
+def test_shipped_classifier_met_its_targets_on_held_out_views():
+    """Its record (tests/test_shipped.py checks that it still scores so)."""
     meta = render.load_tensors(SHIPPED)[1]
-    recorded = float(meta["category_acc"])
-    assert recorded >= 0.95 and min(json.loads(meta["category_acc_by_azimuth"]).values()) >= 0.85
-    views, captions = held_out_views()
-    scores = model.judge_views(clf, views, captions)
-    assert scores["category_acc"] > recorded - 0.05 and scores["color_acc"] > 0.9
+    assert float(meta["category_acc"]) >= 0.95 and float(meta["color_acc"]) >= 0.9
+    by_azimuth = json.loads(meta["category_acc_by_azimuth"])
+    assert len(by_azimuth) == 8 and min(by_azimuth.values()) >= 0.85
 
 
 def test_filter_rejects_an_orbit_of_two_categories_and_keeps_a_true_one():

@@ -172,9 +172,6 @@ def test_missing_or_mismatched_stage0_gets_a_one_line_hint(tmp_path, micro):
     assert one_line_error(p) and "checkpoint" in p.stderr
 
 
-@pytest.mark.xfail(
-    strict=True, reason="weights/ holds world v1's image model until world v2's ships (issue #20)"
-)
 def test_shipped_image_model_matches_the_tiny_config():
     path = ROOT / "weights/image_model_tiny.safetensors"
     assert path.is_file(), "the pretrained stand-in must ship with the repository"
