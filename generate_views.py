@@ -170,8 +170,7 @@ def load(cfg, device, rank):
             f"{data}: stage 0 was run with preset {meta0.get('preset')}, not {cfg.preset}; "
             f"rerun it with --preset {cfg.preset}"
         )
-    views = meta0["config"]["views"]
-    res = meta0["config"]["res"]
+    views, res = meta0["config"]["views"], meta0["config"]["res"]
     hint = "python finetune_video.py" + (f" --preset {cfg.preset}" if cfg.preset != "tiny" else "")
     image_path, path = stage1_models(cfg)
     image_unet = model.load_unet(image_path, "image_model", hint)[0].to(device).eval()
@@ -188,12 +187,8 @@ def load(cfg, device, rank):
         print(f"warning: words the text encoder has never seen map to <unk>: {words}")
     clf = model.find_classifier(cfg.out, cfg.preset)
     if clf is None and rank == 0:
-        print(
-            "note: no category classifier (python finetune_video.py --phase classifier makes one):"
-        )
-        print("      the filter's category checks and the category_acc scores are left out")
-    out = Path(cfg.out) / "2_views"
-    return Engine(data, out, views, res, image_unet, video_unet, items, clf)
+        print("note: no classifier (finetune_video.py --phase classifier): no category checks")
+    return Engine(data, Path(cfg.out) / "2_views", views, res, image_unet, video_unet, items, clf)
 
 
 # ----------------------------------------------------------------------------- the filter
