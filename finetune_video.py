@@ -289,9 +289,8 @@ def caption_faithfulness(cfg, unet, prompts, device, grid=None, clf=None):
     """Share of samples whose dominant object colour is the colour their caption names first (the
     object's main colour: its body), and with a classifier the share it calls the category the
     caption names; the first 32 samples go to the PNG `grid` (8 a row) -> dict."""
-    colours = list(render.COLOURS)
     one = prompts[: cfg.n_faithful]
-    named = [colours.index(next(w for w in p.split() if w in colours)) for p in one]
+    named = [render.caption_labels(p)[1] for p in one]
     imgs = []
     for k, ids in enumerate(unet.text.tokenize(one)[0].split(32)):
         g = torch.Generator().manual_seed(cfg.seed + k)
@@ -429,8 +428,9 @@ def validate_classifier(data, clf, views, captions, first):
     """Held-out single views (image ids first..) -> category and colour accuracy, and category
     accuracy in 8 buckets of the camera's azimuth from the object's front (0 = facing it)."""
     world = render.Config(**render.read_meta(data, "python render.py")["config"])
-    category, _ = model.classify(clf, views)
-    hit = category == torch.tensor([render.caption_labels(c)[0] for c in captions])
+    category, colour = model.classify(clf, views)
+    labels = torch.tensor([render.caption_labels(c) for c in captions])  # (N,2)
+    hit = category == labels[:, 0]
     # the single views' camera sits at azimuth 0, the object's front at its facing angle
     ids = range(first, first + len(views))
     facing = torch.tensor([render.world_object(world, "images", i)["facing"] for i in ids])
@@ -438,7 +438,9 @@ def validate_classifier(data, clf, views, captions, first):
     by = {
         f"{45 * int(b)}": round(hit[bucket == b].float().mean().item(), 3) for b in bucket.unique()
     }
-    return model.judge_views(clf, views, captions) | dict(category_acc_by_azimuth=by)
+    colour_hit = (colour == labels[:, 1]).float().mean().item()
+    scores = dict(category_acc=round(hit.float().mean().item(), 4), color_acc=round(colour_hit, 4))
+    return scores | dict(category_acc_by_azimuth=by)
 
 
 def phase_video(cfg, st):
