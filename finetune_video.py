@@ -60,8 +60,7 @@ class Config:
     video_steps: int = 1000  # optimizer steps of phase video
     video_batch: int = 4  # orbits per step (global)
     video_lr: float = 5e-3  # peak learning rate of the temporal layers
-    video_t_power: float = 0.5  # noise levels t = u**p: p < 1 trains more at high noise, where
-    # the views are laid out
+    video_t_power: float = 0.5  # noise levels t = u**p (p < 1: more at high noise, the layout)
     video_ema: float = 0.99  # EMA decay of the temporal weights
     video_shift: bool = True  # start each training orbit at a random view (cyclic shift: 8x orbits)
     train_spatial: bool = False  # phase video trains every UNet weight (what the paper rejects)

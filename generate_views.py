@@ -54,9 +54,8 @@ class Config:
     max_area: float = 0.75  # filter: largest object share of any view
     max_jump: float = 0.6  # filter: largest relative change of object area between neighbours
     max_drift: float = 0.25  # filter: largest mean-colour distance of a view from the first frame
-    min_category: float = 0.5  # filter: least share of views the classifier calls the prompt's
-    # category (and, below, its main colour); needs the classifier, skipped without one
-    min_color: float = 0.5
+    min_category: float = 0.5  # filter: least share of views showing the prompt's category
+    min_color: float = 0.5  # filter: least share of views showing its main colour
     n_eval: int = 50  # held-out assets whose (view 0, caption) orbits are scored
 
 

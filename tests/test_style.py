@@ -54,3 +54,16 @@ def test_functions_keep_their_budgets(name):
             n_args = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
             assert size <= 60, f"{name}: {node.name} is {size} lines (at most 60)"
             assert n_args <= 8, f"{name}: {node.name} takes {n_args} parameters (at most 8)"
+
+
+@pytest.mark.parametrize("name", ["render.py", *SCRIPTS])
+def test_every_flag_has_its_comment_in_help(name):
+    """--help shows each Config field's comment (render.field_comments): none may be missing."""
+    import importlib
+
+    import render
+
+    config = importlib.import_module(name.removesuffix(".py")).Config
+    comments = render.field_comments(config)
+    for field in config.__dataclass_fields__:
+        assert comments.get(field, (None, ""))[1], f"{name}: Config.{field} has no # comment"
