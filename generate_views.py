@@ -11,7 +11,7 @@ orbits whose views stop showing the prompt's category or main colour (--no_filte
 Reads:  out/0_data/prompts.txt (or --prompts FILE, or --images DIR), out/1_video/*.safetensors
 Writes: out/2_views/<id>/ (000.png.., cameras.safetensors, prompt.txt), <id>.rejected markers,
         meta.json (counts, settings, time, filter statistics), metrics.json, preview.png
-Run:    python generate_views.py           (tiny: 1000 prompts, about 9 minutes on 2 CPU cores)
+Run:    python generate_views.py           (tiny: 1000 prompts, 11.6 min at one thread)
         python generate_views.py --preset micro --out /tmp/run
         torchrun --nproc_per_node=4 generate_views.py --preset small --device cuda
         (ranks split the prompts; put `--` before the script's flags to pass --num, which

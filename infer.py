@@ -4,12 +4,14 @@ paper's comparison table in miniature (VFusion3D Sec. 4: 3D data only vs synthet
 Reads:  an LRM checkpoint (default: the newest under --out, out/4_finetune before out/3_lrm),
         an image file or folder (--image), or a caption (--prompt, drawn by the stage-1 image model)
 Writes: out/5_infer/<name>/ input.png, mesh.obj, mesh.ply, mesh.glb, views/, turntable.gif
-        (+ .mp4 with imageio-ffmpeg); --eval DIR: out/5_infer/<name>/metrics.json
+        (+ .mp4 with imageio-ffmpeg, + judged.json for --prompt); --eval DIR:
+        out/5_infer/<name>/metrics.json; --eval_prompts: out/5_infer/eval_prompts/metrics.json
         --table: out/table/ metrics.json, table.md, scaling.md (+ scaling.png with matplotlib),
         scaling_scarce.md after `run_all.sh scarce`, compare_*.gif
 Run:    python infer.py --image out/0_data/assets/test_unseen/00000/000.png
-        python infer.py --prompt "a small red cone on top of a large blue box"
+        python infer.py --prompt "a red mug with a blue handle"
         python infer.py --eval out/0_data/assets --model out/4_finetune/lrm.safetensors
+        python infer.py --eval_prompts held_out     (text-to-3D judged: (A) beside (C))
         python infer.py --table          (after run_all.sh's experiment step)
         (inference needs no torchrun: one image at a time)
 """

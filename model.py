@@ -670,6 +670,11 @@ class LRM(nn.Module):
         samples along them and composites; it calls back field() below, which reads the planes
         (sample_planes) and decodes density and colour (LRM.field)."""
         B, V = c2w.shape[:2]
+        if V > 1 and not torch.is_grad_enabled():
+            # without gradients, a view at a time: the field's activations stay in the CPU's cache
+            cams = zip(c2w.split(1, dim=1), K.split(1, dim=1))
+            views = [self.render(planes, c, k, res, crop, samples, stratified) for c, k in cams]
+            return tuple(torch.cat(parts, 1) for parts in zip(*views))
         o, d = render.camera_rays(c2w.flatten(0, 1), K.flatten(0, 1), res, crop)  # (B*V,h,w,3)
         h, w = o.shape[1:3]
 

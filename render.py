@@ -819,7 +819,7 @@ def marching_cubes(vol, level):
 
 # ----------------------------------------------------------------------------- meshes and metrics
 @torch.no_grad()
-def extract_mesh(density_fn, res, level, chunk=2**16):
+def extract_mesh(density_fn, res, level, chunk=2**13):
     """Evaluate density_fn (points (N,3) -> (N,)) on a res^3 grid over [-1,1]^3 in chunks, then
     marching cubes at `level` -> vertices (V,3) in world units, faces (F,3) wound outwards."""
     g = torch.linspace(-1, 1, res)
