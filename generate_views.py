@@ -55,7 +55,7 @@ class Config:
     max_jump: float = 0.6  # filter: largest relative change of object area between neighbours
     max_drift: float = 0.25  # filter: largest mean-colour distance of a view from the first frame
     min_category: float = 0.5  # filter: least share of views showing the prompt's category
-    min_color: float = 0.5  # filter: least share of views showing its main colour
+    min_color: float = 0.5  # filter: the same for its main colour (both skipped with no classifier)
     n_eval: int = 50  # held-out assets whose (view 0, caption) orbits are scored
 
 

@@ -5,11 +5,13 @@ names, at most 8 arguments). The budgets are the house's (STYLE.md), in formatte
 """
 
 import ast
+import importlib
 import subprocess
 import sys
 
 import pytest
 
+import render
 from conftest import ROOT
 
 SCRIPTS = ["finetune_video.py", "generate_views.py", "train_lrm.py", "finetune_3d.py", "infer.py"]
@@ -59,10 +61,6 @@ def test_functions_keep_their_budgets(name):
 @pytest.mark.parametrize("name", ["render.py", *SCRIPTS])
 def test_every_flag_has_its_comment_in_help(name):
     """--help shows each Config field's comment (render.field_comments): none may be missing."""
-    import importlib
-
-    import render
-
     config = importlib.import_module(name.removesuffix(".py")).Config
     comments = render.field_comments(config)
     for field in config.__dataclass_fields__:
