@@ -698,11 +698,14 @@ def load_lrm(path, hint):
 
 
 @torch.no_grad()
-def lrm_mesh(lrm, planes, res, level):
-    """Marching cubes of one object's density (planes (3,C,P,P)) at `level` -> v, faces, colours."""
-    v, f = render.extract_mesh(
-        lambda p: lrm.field(planes[None], p[None].to(planes.device))[0][0].float().cpu(), res, level
-    )
+def lrm_mesh(lrm, planes, res, level, coarse=1):
+    """Marching cubes of one object's density (planes (3,C,P,P)) at `level` -> v, faces, colours;
+    coarse > 1 reads the grid coarse to fine (render.extract_mesh)."""
+
+    def density(p):
+        return lrm.field(planes[None], p[None].to(planes.device))[0][0].float().cpu()
+
+    v, f = render.extract_mesh(density, res, level, coarse=coarse)
     if len(v) == 0:
         return v, f, torch.zeros(0, 3)
     rgb = lrm.field(planes[None], v[None].to(planes.device))[1][0].float().cpu()

@@ -819,14 +819,39 @@ def marching_cubes(vol, level):
 
 # ----------------------------------------------------------------------------- meshes and metrics
 @torch.no_grad()
-def extract_mesh(density_fn, res, level, chunk=2**13):
+def extract_mesh(density_fn, res, level, chunk=2**13, coarse=1):
     """Evaluate density_fn (points (N,3) -> (N,)) on a res^3 grid over [-1,1]^3 in chunks, then
-    marching cubes at `level` -> vertices (V,3) in world units, faces (F,3) wound outwards."""
+    marching cubes at `level` -> vertices (V,3) in world units, faces (F,3) wound outwards.
+    With coarse > 1, coarse to fine: the grid is read every `coarse` points first, and only the
+    points of coarse cells the surface crosses, and of their neighbours, are read at full
+    resolution; every other point keeps its nearest coarse value, which lies on the same side.
+    A part is found if a coarse point lies inside it, so one thinner than `coarse` steps may not."""
     g = torch.linspace(-1, 1, res)
-    grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).view(-1, 3)
-    vol = torch.cat([density_fn(p) for p in grid.split(chunk)]).view(res, res, res).float()
+    grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1)  # (res,res,res,3)
+    idx = torch.arange(res)
+    keys = torch.unique(torch.cat([idx[::coarse], idx[-1:]]))  # the coarse grid's indices
+    if coarse == 1 or len(keys) < 3:
+        vol = torch.cat([density_fn(p) for p in grid.view(-1, 3).split(chunk)])
+        return mesh_of(vol.view(res, res, res).float(), level)
+    small = grid[keys][:, keys][:, :, keys].reshape(-1, 3)
+    n = len(keys)
+    cvol = torch.cat([density_fn(p) for p in small.split(chunk)]).view(1, n, n, n).float()
+    high, low = F.max_pool3d(cvol, 2, 1), -F.max_pool3d(-cvol, 2, 1)  # (1,n-1,n-1,n-1) per cell
+    near = F.max_pool3d(((high > level) & (low <= level)).float(), 3, 1, 1)[0] > 0
+    cell = (idx // coarse).clamp(max=n - 2)  # fine index -> its coarse cell
+    need = near[cell][:, cell][:, :, cell]  # (res,res,res): points read at full resolution
+    nearest = (keys[None] - idx[:, None]).abs().argmin(1)  # fine index -> nearest coarse index
+    vol = cvol[0][nearest][:, nearest][:, :, nearest].clone()
+    pts = grid[need]  # (M,3)
+    if len(pts):
+        vol[need] = torch.cat([density_fn(p) for p in pts.split(chunk)]).float()
+    return mesh_of(vol, level)
+
+
+def mesh_of(vol, level):
+    """Marching cubes of a res^3 grid over [-1,1]^3 -> vertices in world units, faces."""
     v, f = marching_cubes(vol, level)
-    return v * (2 / (res - 1)) - 1, f
+    return v * (2 / (vol.shape[0] - 1)) - 1, f
 
 
 def sample_mesh(v, f, n, seed=0, rgb=None):

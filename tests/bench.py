@@ -1,7 +1,8 @@
 """Benchmarks: the speed figures the issues ask for, printed as one table, against the machine.
 
-Run:  python tests/bench.py                   (everything; a few minutes on a 2-core laptop)
-      python tests/bench.py --only peak,volume (some groups: peak, render, mesh, volume, video, lrm)
+Run:  python tests/bench.py               (everything; a few minutes on a 2-core laptop)
+      python tests/bench.py --only infer  (some groups: peak, render, mesh, volume, video, lrm,
+                                           infer)
 
 The "peak" rows measure the machine's own matmul speed (2048^3, fp32 and bf16). The MFU rows
 divide a step's useful FLOPs (torch's flop counter: matmuls, convolutions, attention, forward and
@@ -252,31 +253,49 @@ def bench_lrm(rows, ctx):
     add_mfu(rows, "stage 3 LRM step", step, sec, ctx["fp32"])
     for k, v in parts.items():
         rows.append((f"stage 3 step split: {k}", 1000 * v, "ms"))
-    icfg = infer.Config()
-    img = torch.rand(3, 32, 32)
+
+
+def bench_infer(rows, ctx):
+    """Stage 5 as infer.reconstruct runs it (mesh coarse to fine, cropped turntable), without the
+    files: the shipped tiny LRM on eight test_unseen views of the world, else random weights."""
+    icfg, cfg = infer.Config(), render.Config()
+    shipped = ROOT / "weights/lrm_tiny.safetensors"
+    try:
+        lrm, level = model.load_lrm(shipped, "python tests/ship_models.py")[0], icfg.mesh_level
+    except render.DataError:
+        lrm, level = model.LRM(train_lrm.lrm_config(train_lrm.Config(), 32)).eval(), None
+    objs = [render.world_object(cfg, "test_unseen", i) for i in range(8)]
+    c2w, K = render.orbit(icfg.turntable)
+    rgba, _ = render.render_views(
+        render.pack(objs), torch.arange(8), c2w[:1].expand(8, 4, 4), K[:1].expand(8, 3, 3), 32
+    )
+    images = rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:]  # (8,3,32,32) on white
     t = {}
-    timed(lambda: t.update(infer_times(icfg, lrm.eval(), img)), 2)
+    timed(lambda: t.update(infer_times(icfg, lrm, images, level)), 1)
     for k, v in t.items():
-        rows.append((f"stage 5 inference: {k}", v, "s"))
+        rows.append((f"stage 5 inference, mean of 8 images: {k}", v, "s"))
 
 
-def infer_times(cfg, lrm, img):
-    """The three steps of infer.reconstruct, without writing files."""
-    out, t = {}, time.perf_counter()
+def infer_times(cfg, lrm, images, level=None):
+    """The mean time of the three steps of infer.reconstruct over images (N,3,H,W)."""
+    out = {}
     with torch.no_grad():
         c2w, K = render.orbit(cfg.turntable)
-        planes = lrm(img[None], model.camera_vector(model.CANONICAL[None], K[:1]))
-        out["triplane"] = time.perf_counter() - t
-        t = time.perf_counter()
-        # random weights: the median density is a level that has a surface
-        level = lrm.field(planes, torch.rand(1, 4096, 3) * 2 - 1)[0].median().item()
-        model.lrm_mesh(lrm, planes[0], cfg.mesh_res, level)
-        out[f"mesh at {cfg.mesh_res}^3"] = time.perf_counter() - t
-        t = time.perf_counter()
-        lrm.render(planes, c2w[None], K[None], 32, None, (cfg.samples, cfg.samples), False)
-        out[f"turntable, {cfg.turntable} frames"] = time.perf_counter() - t
-    out["total per image"] = sum(out.values())
-    return out
+        cam = model.camera_vector(model.CANONICAL[None], K[:1])
+        for img in images:
+            t = time.perf_counter()
+            planes = lrm(img[None], cam)
+            t1 = time.perf_counter()
+            # random weights: the median density is a level that has a surface
+            pts = torch.rand(1, 4096, 3) * 2 - 1
+            lvl = lrm.field(planes, pts)[0].median().item() if level is None else level
+            v, _, _ = model.lrm_mesh(lrm, planes[0], cfg.mesh_res, lvl, cfg.coarse)
+            t2 = time.perf_counter()
+            infer.turntable(lrm, planes, v, (c2w, K), 32, (cfg.samples, cfg.samples))
+            steps = dict(triplane=t1 - t, mesh=t2 - t1, turntable=time.perf_counter() - t2)
+            for k, sec in steps.items():
+                out[k] = out.get(k, 0.0) + sec / len(images)
+    return out | {"total per image": sum(out.values())}
 
 
 def bench_mesh(rows, ctx):
@@ -298,6 +317,7 @@ GROUPS = {
     "volume": bench_volume,
     "video": bench_video,
     "lrm": bench_lrm,
+    "infer": bench_infer,
 }
 
 

@@ -76,6 +76,26 @@ def test_extract_mesh_is_in_world_units_and_winds_outwards():
     assert abs(volume - 4 / 3 * np.pi * 0.125) < 0.02 and is_watertight(f)
 
 
+def test_coarse_to_fine_extraction_finds_the_same_surface():
+    # two spheres, the small one (radius 0.08) just wide enough that a coarse point (every 0.085)
+    # lies inside it: only the points near the surface are read at full resolution, and the mesh
+    # is the full grid's
+    calls = []
+
+    def density(p):
+        calls.append(len(p))
+        big = 0.5 - p.norm(dim=-1)
+        small = 0.08 - (p - torch.tensor([0.6, 0.6, 0.6])).norm(dim=-1)
+        return torch.maximum(big, small)
+
+    v, f = render.extract_mesh(density, 48, 0.0)
+    full = sum(calls)
+    calls.clear()
+    cv, cf = render.extract_mesh(density, 48, 0.0, coarse=2)
+    assert sum(calls) < full / 2
+    assert torch.allclose(cv, v, atol=1e-6) and torch.equal(cf, f)
+
+
 def test_ray_triangles_known_hit():
     tri = torch.tensor(
         [[[0.0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0.0, 0, -2], [1, 0, -2], [0, 1, -2]]]
