@@ -666,9 +666,9 @@ class LRM(nn.Module):
     def render(self, planes, c2w, K, res, crop=None, samples=(16, 16), stratified=True):
         """Render cameras c2w (B,V,4,4), K (B,V,3,3) at res x res (or a crop (top, left, size) of
         it) with samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w).
-        Where one render goes: render.camera_rays makes the rays; render.volume_render places the
-        samples along them and composites; it calls back field() below, which reads the planes
-        (sample_planes) and decodes density and colour (LRM.field)."""
+        Where one render goes: render.camera_rays makes the rays; render.volume_render (called by
+        render_rays) places the samples along them and composites; it calls back field(), which
+        reads the planes (sample_planes) and decodes density and colour (LRM.field)."""
         B, V = c2w.shape[:2]
         if V > 1 and not torch.is_grad_enabled():
             # without gradients, a view at a time: the field's activations stay in the CPU's cache
@@ -677,16 +677,24 @@ class LRM(nn.Module):
             return tuple(torch.cat(parts, 1) for parts in zip(*views))
         o, d = render.camera_rays(c2w.flatten(0, 1), K.flatten(0, 1), res, crop)  # (B*V,h,w,3)
         h, w = o.shape[1:3]
+        rgb, acc = self.render_rays(
+            planes, o.reshape(B, -1, 3), d.reshape(B, -1, 3), samples, stratified
+        )
+        return rgb.view(B, V, h, w, 3).permute(0, 1, 4, 2, 3), acc.view(B, V, 1, h, w)
+
+    def render_rays(self, planes, o, d, samples=(16, 16), stratified=True):
+        """Volume-render rays o, d (B,R,3), R of them per object -> rgb (B,R,3), opacity (B,R)."""
+        B = o.shape[0]
 
         def field(p):
-            """Points p (R,S,3) along R = B*V*h*w rays -> density (R,S), colour (R,S,3)."""
+            """Points p (B*R,S,3) along the rays -> density (B*R,S), colour (B*R,S,3)."""
             sigma, rgb = self.field(planes, p.reshape(B, -1, 3))
             return sigma.view(p.shape[:2]), rgb.reshape(*p.shape[:2], 3)
 
         n_coarse, n_fine = samples
         o, d = o.reshape(-1, 3), d.reshape(-1, 3)
         rgb, acc, _ = render.volume_render(field, o, d, n_coarse, n_fine, stratified)
-        return rgb.view(B, V, h, w, 3).permute(0, 1, 4, 2, 3), acc.view(B, V, 1, h, w)
+        return rgb.view(B, -1, 3), acc.view(B, -1)
 
 
 def load_lrm(path, hint):
