@@ -425,29 +425,37 @@ RUNS = {
 }
 
 
+SPLITS = {"all": "all test assets", "seen": "seen categories", "unseen": "unseen categories"}
+
+
 def collect_runs(root):
-    """The `lrm` row of each run made, then stage 4's baselines (copy the input, a sphere) ->
-    (rows, each run's seconds, steps, train objects and folder, the number of test objects)."""
-    rows, info = {}, {}
+    """The `lrm` rows of each run made, then stage 4's baselines (copy the input, a sphere), over
+    all test assets and the seen and unseen categories apart -> ({split: {"n_objects", "rows"}},
+    each run's seconds, steps, train objects and folder)."""
+    splits, info = {name: {"rows": {}} for name in SPLITS}, {}
     for row, stage in RUNS.items():
         path = root / stage / "metrics.json"
         if path.is_file():
             m = json.loads(path.read_text())
-            rows[row] = m["rows"]["lrm"]
+            for name, split in splits.items():
+                split["rows"][row] = (m if name == "all" else m["splits"][name])["rows"]["lrm"]
             info[row] = dict(
                 seconds=m["seconds"],
                 steps=m.get("steps"),
                 train_objects=m.get("train_objects"),
                 stage_dir=stage,
             )
-    if not {"A_3d_only", "B_synthetic_only", "C_synthetic_then_3d"} <= set(rows):
+    if not {"A_3d_only", "B_synthetic_only", "C_synthetic_then_3d"} <= set(info):
         raise render.DataError(
             f"{root}: the experiment needs 4_from_scratch, 3_lrm and 4_finetune; "
             "run `bash run_all.sh` first"
         )
     base = json.loads((root / "4_finetune/metrics.json").read_text())
-    rows |= {baseline: base["rows"][baseline] for baseline in ("copy_input", "sphere")}
-    return rows, info, base["n_objects"]
+    for name, split in splits.items():
+        of = base if name == "all" else base["splits"][name]
+        split["n_objects"] = of["n_objects"]
+        split["rows"] |= {baseline: of["rows"][baseline] for baseline in ("copy_input", "sphere")}
+    return splits, info
 
 
 def markdown(header, body):
@@ -457,16 +465,23 @@ def markdown(header, body):
     return "\n".join(lines) + "\n"
 
 
-def write_table(cfg, table, rows, info, n_objects):
-    """table/metrics.json and table/table.md (printed too), '-' where a metric does not apply."""
-    keys = render.METRIC_KEYS
-    body = [[r, *(f"{v[k]:.4f}" if k in v else "-" for k in keys)] for r, v in rows.items()]
-    text = markdown(["row", *keys], body)
+def write_table(cfg, table, splits, info):
+    """table/metrics.json and table/table.md (printed too): one table per split, '-' where a
+    metric does not apply."""
+    keys, parts = render.METRIC_KEYS, []
+    for name, split in splits.items():
+        body = [
+            [r, *(f"{v[k]:.4f}" if k in v else "-" for k in keys)] for r, v in split["rows"].items()
+        ]
+        title = f"{SPLITS[name]} ({split['n_objects']})"
+        parts.append(f"### {title}\n\n" + markdown(["row", *keys], body))
     seconds = round(sum(i["seconds"] for i in info.values()), 1)
-    metrics = dict(stage="table", preset=cfg.preset, n_objects=n_objects, seconds=seconds)
-    render.save_json(table / "metrics.json", metrics | dict(rows=rows, runs=info))
-    render.write_text(table / "table.md", text)
-    print(text, end="")
+    metrics = dict(stage="table", preset=cfg.preset, n_objects=splits["all"]["n_objects"])
+    metrics |= dict(seconds=seconds, rows=splits["all"]["rows"], runs=info)
+    metrics["splits"] = {name: splits[name] for name in ("seen", "unseen")}
+    render.save_json(table / "metrics.json", metrics)
+    render.write_text(table / "table.md", "\n".join(parts))
+    print("\n".join(parts), end="")
 
 
 def experiment_table(cfg):
@@ -475,30 +490,41 @@ def experiment_table(cfg):
     the same with a quarter of the real assets (`_scarce`) where `run_all.sh scarce` has run."""
     root = Path(cfg.out)
     table = root / "table"
-    rows, info, n_objects = collect_runs(root)
-    write_table(cfg, table, rows, info, n_objects)
+    splits, info = collect_runs(root)
+    write_table(cfg, table, splits, info)
     # the scaling curves: all of the real assets, then a quarter
     for real in ("", "_scarce"):
         curve = [f"C_synthetic_{part}{real}" for part in ("quarter", "half", "then_3d")]
-        scaling_curve(cfg, table / f"scaling{real}", rows, info, curve)
+        scaling_curve(cfg, table / f"scaling{real}", splits, info, curve)
     comparison_gifs(cfg, table)
     render.write_index(cfg.out)
-    return rows
+    return splits["all"]["rows"]
 
 
-def scaling_curve(cfg, name, rows, info, curve):
-    """(C) against the number of synthetic objects it was pre-trained on -> <name>.md (+ .png)."""
+def scaling_curve(cfg, name, splits, info, curve):
+    """(C) against the number of synthetic objects it was pre-trained on, over all test assets and
+    each split -> <name>.md, and <name>.png on the unseen categories, where the synthetic set
+    matters."""
     pts = []
     for row in curve:
-        if row in rows:
+        if row in info:
             stage3 = Path(cfg.out) / Path(info[row]["stage_dir"]).parent / "3_lrm/metrics.json"
-            s3 = json.loads(stage3.read_text())
-            pts.append((s3["train_objects"], row, rows[row]))
+            pts.append((json.loads(stage3.read_text())["train_objects"], row))
     if not pts:  # that curve's runs have not been made
         return
-    cells = [[f"{r[k]:.4f}" if k in r else "-" for k in render.METRIC_KEYS] for _, _, r in pts]
-    body = [[str(n), row, *c] for (n, row, _), c in zip(pts, cells)]
-    text = markdown(["synthetic objects", "row", *render.METRIC_KEYS], body)
+    body = []
+    for split, part in splits.items():
+        for n, row in pts:
+            r = part["rows"][row]
+            body.append(
+                [
+                    str(n),
+                    row,
+                    split,
+                    *(f"{r[k]:.4f}" if k in r else "-" for k in render.METRIC_KEYS),
+                ]
+            )
+    text = markdown(["synthetic objects", "row", "split", *render.METRIC_KEYS], body)
     render.write_text(name.with_suffix(".md"), text)
     try:
         import matplotlib
@@ -508,10 +534,11 @@ def scaling_curve(cfg, name, rows, info, curve):
     except ImportError:
         return
     fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    for ax, k in zip(axes, ("ssim", "color_err", "chamfer_l1")):
-        ax.plot([n for n, _, _ in pts], [r[k] for _, _, r in pts], "o-")
+    unseen = splits["unseen"]["rows"]
+    for ax, k in zip(axes, ("ssim", "fscore", "chamfer_l1")):
+        ax.plot([n for n, _ in pts], [unseen[row][k] for _, row in pts], "o-")
         ax.set_xlabel("synthetic objects")
-        ax.set_title(k)
+        ax.set_title(f"{k}, unseen categories")
     fig.tight_layout()
     render.atomic_write(name.with_suffix(".png"), lambda p: fig.savefig(p, format="png", dpi=100))
 

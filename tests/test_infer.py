@@ -45,7 +45,11 @@ def test_run_all_writes_every_stage_and_the_table(pipeline):
     assert expected <= set(rows)
     keys = {"psnr", "ssim", "color_err", "chamfer_l1", "fscore", "category_acc", "color_acc"}
     assert keys <= set(rows["C_synthetic_then_3d"])
-    assert (pipeline / "table/table.md").is_file()
+    splits = json.loads((pipeline / "table/metrics.json").read_text())["splits"]
+    for split in ("seen", "unseen"):  # the same rows on each split, as DESIGN.md shows
+        assert expected <= set(splits[split]["rows"]) and splits[split]["n_objects"] > 0
+    text = (pipeline / "table/table.md").read_text()
+    assert "### seen categories" in text and "### unseen categories" in text
     page = (pipeline / "index.html").read_text()  # one page to look at; every picture it shows
     links = re.findall(r"src='([^']+)'", page)
     assert len(links) >= 10 and all((pipeline / link).is_file() for link in links)
@@ -60,10 +64,14 @@ def test_run_all_writes_every_stage_and_the_table(pipeline):
 def test_scaling_step_trains_c_on_a_quarter_and_a_half_of_the_synthetic_set(pipeline):
     run_all("scaling", "micro", pipeline)
     kept = len([d for d in (pipeline / "2_views").iterdir() if d.is_dir()])
-    lines = (pipeline / "table/scaling.md").read_text().splitlines()[2:]
-    assert [int(line.split("|")[1]) for line in lines] == [kept // 4, kept // 2, kept]
+    cells = [line.split("|") for line in (pipeline / "table/scaling.md").read_text().splitlines()]
     curve = ["C_synthetic_quarter", "C_synthetic_half", "C_synthetic_then_3d"]
-    assert [line.split("|")[2].strip() for line in lines] == curve
+    for split in ("all", "seen", "unseen"):
+        lines = [c for c in cells[2:] if c[3].strip() == split]
+        assert [int(c[1]) for c in lines] == [kept // 4, kept // 2, kept]
+        assert [c[2].strip() for c in lines] == curve
+    table = json.loads((pipeline / "table/metrics.json").read_text())
+    assert set(curve) <= set(table["splits"]["unseen"]["rows"])
 
 
 def test_scarce_step_trains_a_and_c_on_a_quarter_of_the_real_assets(pipeline):
@@ -78,7 +86,8 @@ def test_scarce_step_trains_a_and_c_on_a_quarter_of_the_real_assets(pipeline):
     rows = json.loads((pipeline / "table/metrics.json").read_text())["rows"]
     assert {"A_3d_only_scarce", "C_synthetic_then_3d_scarce"} <= set(rows)
     curve = (pipeline / "table/scaling_scarce.md").read_text().splitlines()[2:]
-    assert len(curve) == 1 + len(list(pipeline.glob("scaling/*/3_lrm/lrm.safetensors")))
+    unseen = [line for line in curve if line.split("|")[3].strip() == "unseen"]
+    assert len(unseen) == 1 + len(list(pipeline.glob("scaling/*/3_lrm/lrm.safetensors")))
 
 
 def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
