@@ -428,6 +428,16 @@ RUNS = {
 SPLITS = {"all": "all test assets", "seen": "seen categories", "unseen": "unseen categories"}
 
 
+def split_of(metrics, name):
+    """A stage's metrics.json over all test assets ("all") or one split -> its n_objects, rows."""
+    return metrics if name == "all" else metrics["splits"][name]
+
+
+def cells(row):
+    """A row's metrics as table cells, '-' where a metric does not apply."""
+    return [f"{row[k]:.4f}" if k in row else "-" for k in render.METRIC_KEYS]
+
+
 def collect_runs(root):
     """The `lrm` rows of each run made, then stage 4's baselines (copy the input, a sphere), over
     all test assets and the seen and unseen categories apart -> ({split: {"n_objects", "rows"}},
@@ -438,7 +448,7 @@ def collect_runs(root):
         if path.is_file():
             m = json.loads(path.read_text())
             for name, split in splits.items():
-                split["rows"][row] = (m if name == "all" else m["splits"][name])["rows"]["lrm"]
+                split["rows"][row] = split_of(m, name)["rows"]["lrm"]
             info[row] = dict(
                 seconds=m["seconds"],
                 steps=m.get("steps"),
@@ -452,7 +462,7 @@ def collect_runs(root):
         )
     base = json.loads((root / "4_finetune/metrics.json").read_text())
     for name, split in splits.items():
-        of = base if name == "all" else base["splits"][name]
+        of = split_of(base, name)
         split["n_objects"] = of["n_objects"]
         split["rows"] |= {baseline: of["rows"][baseline] for baseline in ("copy_input", "sphere")}
     return splits, info
@@ -468,13 +478,11 @@ def markdown(header, body):
 def write_table(cfg, table, splits, info):
     """table/metrics.json and table/table.md (printed too): one table per split, '-' where a
     metric does not apply."""
-    keys, parts = render.METRIC_KEYS, []
+    parts = []
     for name, split in splits.items():
-        body = [
-            [r, *(f"{v[k]:.4f}" if k in v else "-" for k in keys)] for r, v in split["rows"].items()
-        ]
+        body = [[r, *cells(v)] for r, v in split["rows"].items()]
         title = f"{SPLITS[name]} ({split['n_objects']})"
-        parts.append(f"### {title}\n\n" + markdown(["row", *keys], body))
+        parts.append(f"### {title}\n\n" + markdown(["row", *render.METRIC_KEYS], body))
     seconds = round(sum(i["seconds"] for i in info.values()), 1)
     metrics = dict(stage="table", preset=cfg.preset, n_objects=splits["all"]["n_objects"])
     metrics |= dict(seconds=seconds, rows=splits["all"]["rows"], runs=info)
@@ -512,18 +520,11 @@ def scaling_curve(cfg, name, splits, info, curve):
             pts.append((json.loads(stage3.read_text())["train_objects"], row))
     if not pts:  # that curve's runs have not been made
         return
-    body = []
-    for split, part in splits.items():
-        for n, row in pts:
-            r = part["rows"][row]
-            body.append(
-                [
-                    str(n),
-                    row,
-                    split,
-                    *(f"{r[k]:.4f}" if k in r else "-" for k in render.METRIC_KEYS),
-                ]
-            )
+    body = [
+        [str(n), row, split, *cells(part["rows"][row])]
+        for split, part in splits.items()
+        for n, row in pts
+    ]
     text = markdown(["synthetic objects", "row", "split", *render.METRIC_KEYS], body)
     render.write_text(name.with_suffix(".md"), text)
     try:
@@ -565,7 +566,7 @@ def comparison_gifs(cfg, table, n=4, frames=24):
             planes = m(ob["images"][:1], cam)
             rgb, _ = m.render(planes, c2w[None], K[None], res, samples=(32, 32), stratified=False)
             cols.append(rgb[0])
-        cols.append(rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:])
+        cols.append(render.on_white(rgba))
         save_gif(table / f"compare_{i}.gif", torch.cat(cols, -1).clamp(0, 1), 3)
 
 

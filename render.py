@@ -52,6 +52,11 @@ def object_mask(img):
     return (img < NON_WHITE).any(-3)
 
 
+def on_white(rgba):
+    """Straight-alpha RGBA (B,4,H,W) composited on white -> RGB (B,3,H,W)."""
+    return rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:]
+
+
 def progress(iterable=None, **kwargs):
     """A tqdm bar that redraws often on a terminal and once a minute into a log file."""
     return tqdm(iterable, mininterval=0.1 if sys.stderr.isatty() else 60.0, **kwargs)
@@ -1321,7 +1326,7 @@ def category_sheet(cfg, path, per_row=8):
     objs = [make_object(object_seed(cfg, "sheet", i), i // per_row) for i in range(n)]
     cams = (c2w.expand(n, 4, 4), K.expand(n, 3, 3))
     rgba, _ = render_views(pack(objs), torch.arange(n), *cams, cfg.res)
-    rgb = (rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:]).split(per_row)  # on white
+    rgb = on_white(rgba).split(per_row)
     labels = [c.name + (" *" if k < cfg.categories_3d else "") for k, c in enumerate(CATEGORIES)]
     image_sheet(path, rgb, labels, scale=2, left=90)
 

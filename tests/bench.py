@@ -256,8 +256,9 @@ def bench_lrm(rows, ctx):
 
 
 def bench_infer(rows, ctx):
-    """Stage 5 as infer.reconstruct runs it (mesh coarse to fine, cropped turntable), without the
-    files: the shipped tiny LRM on eight test_unseen views of the world, else random weights."""
+    """Stage 5 as infer.reconstruct runs it (mesh coarse to fine, turntable rays near the mesh),
+    without the files: the shipped tiny LRM on eight test_unseen views of the world, else random
+    weights."""
     icfg, cfg = infer.Config(), render.Config()
     shipped = ROOT / "weights/lrm_tiny.safetensors"
     try:
@@ -269,7 +270,7 @@ def bench_infer(rows, ctx):
     rgba, _ = render.render_views(
         render.pack(objs), torch.arange(8), c2w[:1].expand(8, 4, 4), K[:1].expand(8, 3, 3), 32
     )
-    images = rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:]  # (8,3,32,32) on white
+    images = render.on_white(rgba)  # (8,3,32,32)
     t = {}
     timed(lambda: t.update(infer_times(icfg, lrm, images, level)), 1)
     for k, v in t.items():

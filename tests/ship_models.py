@@ -43,7 +43,7 @@ def held_out_views():
     c2w, K = render.orbit(1)
     cams = (c2w.expand(N_VIEWS, 4, 4), K.expand(N_VIEWS, 3, 3))
     rgba, _ = render.render_views(render.pack(objs), torch.arange(N_VIEWS), *cams, cfg.res)
-    return rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:], [o["caption"] for o in objs]
+    return render.on_white(rgba), [o["caption"] for o in objs]
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ def test_filter_rejects_an_orbit_of_two_categories_and_keeps_a_true_one():
         K.repeat(2, 1, 1),
         32,
     )
-    views = (rgba[:, :3] * rgba[:, 3:] + 1 - rgba[:, 3:]).view(2, 8, 3, 32, 32)
+    views = render.on_white(rgba).view(2, 8, 3, 32, 32)
     assert generate_views.judge(views[0], cfg, clf, mug["caption"]) is None
     mixed = torch.cat([views[0, :3], views[1, 3:]])  # the mug turns into a car
     assert generate_views.judge(mixed, cfg, clf, mug["caption"]) == "wrong_category"
