@@ -1,30 +1,25 @@
-"""Stage 5: image (or text) -> triplane -> coloured mesh + turntable; the held-out evaluation; the
-paper's comparison table in miniature (VFusion3D Sec. 4: 3D data only vs synthetic only vs both).
+"""Stage 5: image (or text) -> triplane -> coloured mesh + turntable; the held-out evaluation
+(VFusion3D Sec. 4); text-to-3D judged by the classifier, (A) 3D only beside (C) synthetic then 3D.
 
 Reads:  an LRM checkpoint (default: the newest under --out, out/4_finetune before out/3_lrm),
         an image file or folder (--image), or a caption (--prompt, drawn by the stage-1 image model)
 Writes: out/5_infer/<name>/ input.png, mesh.obj, mesh.ply, mesh.glb, views/, turntable.gif
         (+ .mp4 with imageio-ffmpeg, + judged.json for --prompt); --eval DIR:
         out/5_infer/<name>/metrics.json; --eval_prompts: out/5_infer/eval_prompts/metrics.json
-        --table: out/table/ metrics.json, table.md, scaling.md (+ scaling.png with matplotlib),
-        scaling_scarce.md after `run_all.sh scarce`, compare_*.gif
 Run:    python infer.py --image out/0_data/assets/test_unseen/00000/000.png
         python infer.py --prompt "a red mug with a blue handle"
         python infer.py --eval out/0_data/assets --model out/4_finetune/lrm.safetensors
         python infer.py --eval_prompts held_out     (text-to-3D judged: (A) beside (C))
-        python infer.py --table          (after run_all.sh's experiment step)
         (inference needs no torchrun: one image at a time)
 """
 
 import json
 import re
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v2 as imageio
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +49,6 @@ class Config:
     guidance: float = 3.0  # classifier-free guidance for --prompt
     eval: str = ""  # folder of real assets: score the model on them instead
     n_eval: int = 0  # assets to score (0 = all)
-    table: bool = False  # assemble out/table from the experiment's stage folders
     eval_prompts: str = ""  # text-to-3D judged, (A) beside (C): a prompts file, or "held_out"
 
 
@@ -180,58 +174,6 @@ def read_inputs(cfg, res, device):
 
 
 # ----------------------------------------------------------------------------- 3D
-def save_gif(out, frames, scale):
-    """Frames (T,3,H,W) in [0,1], each pixel enlarged to scale x scale -> GIF `out`, looping at
-    12.5 frames a second; -> its frames, uint8 (H*scale, W*scale, 3)."""
-    big = F.interpolate(frames, scale_factor=scale, mode="nearest")
-    gif = [(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in big]
-    render.atomic_write(out, lambda p: imageio.mimsave(p, gif, format="GIF", duration=0.08, loop=0))
-    return gif
-
-
-GLB_MAGIC, GLB_JSON, GLB_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942  # "glTF", "JSON", "BIN\0"
-GL_FLOAT, GL_UINT, GL_ARRAY_BUFFER, GL_ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
-
-
-def write_glb(path, v, f, rgb):
-    """Binary glTF 2.0, written by hand: a 12-byte header, a JSON chunk and a binary chunk, each
-    padded to 4 bytes. The binary chunk holds positions (+Y up, as glTF requires: our +z up turns
-    to +y), vertex colours as COLOR_0 in linear light (ours are sRGB) and the triangles' indices;
-    a plain double-sided material makes viewers show the colours. An empty mesh: an empty scene."""
-    pos = (v[:, [0, 2, 1]] * torch.tensor([1.0, 1.0, -1.0])).numpy().astype("<f4")  # (V,3)
-    c = rgb.clamp(0, 1)
-    linear = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    blobs = [pos.tobytes(), linear.numpy().astype("<f4").tobytes()]
-    blobs.append(f.numpy().astype("<u4").tobytes())
-    start = np.cumsum([0] + [len(b) for b in blobs]).tolist()
-    targets = (GL_ARRAY_BUFFER, GL_ARRAY_BUFFER, GL_ELEMENT_ARRAY_BUFFER)
-    views = [
-        dict(buffer=0, byteOffset=s, byteLength=len(b), target=t)
-        for s, b, t in zip(start, blobs, targets)
-    ]
-    accessors = [
-        dict(bufferView=0, componentType=GL_FLOAT, count=len(pos), type="VEC3"),
-        dict(bufferView=1, componentType=GL_FLOAT, count=len(pos), type="VEC3"),
-        dict(bufferView=2, componentType=GL_UINT, count=3 * len(f), type="SCALAR"),
-    ]
-    gltf = dict(asset=dict(version="2.0", generator="VFusion3D teaching edition"), scene=0)
-    gltf["scenes"] = [dict(nodes=[0] if len(f) else [])]
-    if len(f):
-        accessors[0].update(min=pos.min(0).tolist(), max=pos.max(0).tolist())
-        shading = dict(baseColorFactor=[1, 1, 1, 1], metallicFactor=0.0, roughnessFactor=1.0)
-        primitive = dict(attributes=dict(POSITION=0, COLOR_0=1), indices=2, material=0)
-        gltf.update(nodes=[dict(mesh=0)], meshes=[dict(primitives=[primitive])])
-        gltf.update(materials=[dict(pbrMetallicRoughness=shading, doubleSided=True)])
-        gltf.update(buffers=[dict(byteLength=start[-1])], bufferViews=views, accessors=accessors)
-    text = json.dumps(gltf).encode()
-    text += b" " * (-len(text) % 4)
-    chunks = struct.pack("<II", len(text), GLB_JSON) + text
-    if len(f):
-        chunks += struct.pack("<II", start[-1], GLB_BIN) + b"".join(blobs)  # 12-byte rows: aligned
-    head = struct.pack("<III", GLB_MAGIC, 2, 12 + len(chunks))
-    render.atomic_write(path, lambda p: p.write_bytes(head + chunks))
-
-
 @torch.no_grad()
 def reconstruct(cfg, lrm, name, img, device):
     """One image -> the files of out/5_infer/<name>/, with the time of each step."""
@@ -257,8 +199,8 @@ def reconstruct(cfg, lrm, name, img, device):
     render.save_png(folder / "input.png", img)
     render.write_obj(folder / "mesh.obj", v.cpu(), f.cpu(), rgb.cpu())
     render.write_ply(folder / "mesh.ply", v.cpu(), f.cpu(), rgb.cpu())
-    write_glb(folder / "mesh.glb", v.cpu(), f.cpu(), rgb.cpu())
-    gif = save_gif(folder / "turntable.gif", frames, 4)
+    render.write_glb(folder / "mesh.glb", v.cpu(), f.cpu(), rgb.cpu())
+    gif = render.save_gif(folder / "turntable.gif", frames, 4)
     try:
         mp4 = folder / "turntable.mp4"
         render.atomic_write(mp4, lambda p: imageio.mimsave(p, gif, format="FFMPEG", fps=12))
@@ -385,8 +327,8 @@ def eval_prompts(cfg, device):
     splits = {"seen": [k for k, s in enumerate(seen) if s]}
     splits["unseen"] = [k for k, s in enumerate(seen) if not s]
     views = {}
-    for row in ("A_3d_only", "C_synthetic_then_3d"):
-        lrm, _ = model.load_lrm(Path(cfg.out) / RUNS[row] / "lrm.safetensors", "bash run_all.sh")
+    for row, stage in (("A_3d_only", "4_from_scratch"), ("C_synthetic_then_3d", "4_finetune")):
+        lrm, _ = model.load_lrm(Path(cfg.out) / stage / "lrm.safetensors", "bash run_all.sh")
         views[row] = orbit_views(lrm.to(device), firsts, device)
 
     def score(idx):
@@ -409,171 +351,8 @@ def eval_prompts(cfg, device):
         render.print_table(m["rows"])
 
 
-# ----------------------------------------------------------------------------- the experiment table
-# The table's rows and the stage folder (under --out) of the run that makes each.
-RUNS = {
-    "A_3d_only": "4_from_scratch",
-    "B_synthetic_only": "3_lrm",
-    "C_synthetic_then_3d": "4_finetune",
-    "C_synthetic_quarter": "scaling/quarter/4_finetune",
-    "C_synthetic_half": "scaling/half/4_finetune",
-    # `run_all.sh scarce`: 1/4 of the real assets
-    "A_3d_only_scarce": "4_from_scratch_scarce",
-    "C_synthetic_then_3d_scarce": "4_finetune_scarce",
-    "C_synthetic_quarter_scarce": "scaling/quarter/4_finetune_scarce",
-    "C_synthetic_half_scarce": "scaling/half/4_finetune_scarce",
-}
-
-
-SPLITS = {"all": "all test assets", "seen": "seen categories", "unseen": "unseen categories"}
-
-
-def split_of(metrics, name):
-    """A stage's metrics.json over all test assets ("all") or one split -> its n_objects, rows."""
-    return metrics if name == "all" else metrics["splits"][name]
-
-
-def cells(row):
-    """A row's metrics as table cells, '-' where a metric does not apply."""
-    return [f"{row[k]:.4f}" if k in row else "-" for k in render.METRIC_KEYS]
-
-
-def collect_runs(root):
-    """The `lrm` rows of each run made, then stage 4's baselines (copy the input, a sphere), over
-    all test assets and the seen and unseen categories apart -> ({split: {"n_objects", "rows"}},
-    each run's seconds, steps, train objects and folder)."""
-    splits, info = {name: {"rows": {}} for name in SPLITS}, {}
-    for row, stage in RUNS.items():
-        path = root / stage / "metrics.json"
-        if path.is_file():
-            m = json.loads(path.read_text())
-            for name, split in splits.items():
-                split["rows"][row] = split_of(m, name)["rows"]["lrm"]
-            info[row] = dict(
-                seconds=m["seconds"],
-                steps=m.get("steps"),
-                train_objects=m.get("train_objects"),
-                stage_dir=stage,
-            )
-    if not {"A_3d_only", "B_synthetic_only", "C_synthetic_then_3d"} <= set(info):
-        raise render.DataError(
-            f"{root}: the experiment needs 4_from_scratch, 3_lrm and 4_finetune; "
-            "run `bash run_all.sh` first"
-        )
-    base = json.loads((root / "4_finetune/metrics.json").read_text())
-    for name, split in splits.items():
-        of = split_of(base, name)
-        split["n_objects"] = of["n_objects"]
-        split["rows"] |= {baseline: of["rows"][baseline] for baseline in ("copy_input", "sphere")}
-    return splits, info
-
-
-def markdown(header, body):
-    """A markdown table: the header's cells, then each row's -> its text."""
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines) + "\n"
-
-
-def write_table(cfg, table, splits, info):
-    """table/metrics.json and table/table.md (printed too): one table per split, '-' where a
-    metric does not apply."""
-    parts = []
-    for name, split in splits.items():
-        body = [[r, *cells(v)] for r, v in split["rows"].items()]
-        title = f"{SPLITS[name]} ({split['n_objects']})"
-        parts.append(f"### {title}\n\n" + markdown(["row", *render.METRIC_KEYS], body))
-    seconds = round(sum(i["seconds"] for i in info.values()), 1)
-    metrics = dict(stage="table", preset=cfg.preset, n_objects=splits["all"]["n_objects"])
-    metrics |= dict(seconds=seconds, rows=splits["all"]["rows"], runs=info)
-    metrics["splits"] = {name: splits[name] for name in ("seen", "unseen")}
-    render.save_json(table / "metrics.json", metrics)
-    render.write_text(table / "table.md", "\n".join(parts))
-    print("\n".join(parts), end="")
-
-
-def experiment_table(cfg):
-    """out/table: the paper's comparison (A 3D only, B synthetic only, C synthetic then 3D) and the
-    scaling curve (C with a quarter, a half and all of the synthetic set), from each run's metrics;
-    the same with a quarter of the real assets (`_scarce`) where `run_all.sh scarce` has run."""
-    root = Path(cfg.out)
-    table = root / "table"
-    splits, info = collect_runs(root)
-    write_table(cfg, table, splits, info)
-    # the scaling curves: all of the real assets, then a quarter
-    for real in ("", "_scarce"):
-        curve = [f"C_synthetic_{part}{real}" for part in ("quarter", "half", "then_3d")]
-        scaling_curve(cfg, table / f"scaling{real}", splits, info, curve)
-    comparison_gifs(cfg, table)
-    render.write_index(cfg.out)
-    return splits["all"]["rows"]
-
-
-def scaling_curve(cfg, name, splits, info, curve):
-    """(C) against the number of synthetic objects it was pre-trained on, over all test assets and
-    each split -> <name>.md, and <name>.png on the unseen categories, where the synthetic set
-    matters."""
-    pts = []
-    for row in curve:
-        if row in info:
-            stage3 = Path(cfg.out) / Path(info[row]["stage_dir"]).parent / "3_lrm/metrics.json"
-            pts.append((json.loads(stage3.read_text())["train_objects"], row))
-    if not pts:  # that curve's runs have not been made
-        return
-    body = [
-        [str(n), row, split, *cells(part["rows"][row])]
-        for split, part in splits.items()
-        for n, row in pts
-    ]
-    text = markdown(["synthetic objects", "row", "split", *render.METRIC_KEYS], body)
-    render.write_text(name.with_suffix(".md"), text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    unseen = splits["unseen"]["rows"]
-    for ax, k in zip(axes, ("ssim", "fscore", "chamfer_l1")):
-        ax.plot([n for n, _ in pts], [unseen[row][k] for _, row in pts], "o-")
-        ax.set_xlabel("synthetic objects")
-        ax.set_title(f"{k}, unseen categories")
-    fig.tight_layout()
-    render.atomic_write(name.with_suffix(".png"), lambda p: fig.savefig(p, format="png", dpi=100))
-
-
-@torch.no_grad()
-def comparison_gifs(cfg, table, n=4, frames=24):
-    """Turntables of unseen-category test objects: input | (A) 3D only | (C) synthetic then 3D |
-    ground truth."""
-    root = Path(cfg.out)
-    paths = [root / RUNS[r] / "lrm.safetensors" for r in ("A_3d_only", "C_synthetic_then_3d")]
-    meta0 = render.read_meta(root / "0_data", "python render.py")
-    c0 = render.Config(**meta0["config"])
-    res = meta0["config"]["res"]
-    models = [model.load_lrm(p, "python finetune_3d.py")[0] for p in paths]
-    c2w, K = render.orbit(frames)
-    cam = model.camera_vector(model.CANONICAL[None], K[:1])
-    for i in range(min(n, c0.n_test_unseen)):
-        ob = render.load_object(root / f"0_data/assets/test_unseen/{i:05d}", res)
-        packed = render.pack([render.world_object(c0, "test_unseen", i)])
-        first = torch.zeros(frames, dtype=torch.long)  # every view shows object 0
-        rgba, _ = render.render_views(packed, first, c2w, K, res)
-        cols = [ob["images"][:1].expand(frames, -1, -1, -1)]
-        for m in models:
-            planes = m(ob["images"][:1], cam)
-            rgb, _ = m.render(planes, c2w[None], K[None], res, samples=(32, 32), stratified=False)
-            cols.append(rgb[0])
-        cols.append(render.on_white(rgba))
-        save_gif(table / f"compare_{i}.gif", torch.cat(cols, -1).clamp(0, 1), 3)
-
-
 def main():
     cfg = render.parse_config(Config, PRESETS)
-    if cfg.table:
-        return experiment_table(cfg)
     device, _, _ = model.setup(cfg)
     if cfg.eval_prompts:
         return eval_prompts(cfg, device)
@@ -587,9 +366,7 @@ def main():
     if cfg.eval:
         return evaluate(cfg, lrm, path, device, start)
     if not (cfg.image or cfg.prompt):
-        raise render.DataError(
-            "nothing to do: pass --image FILE|DIR, --prompt TEXT, --eval DIR or --table"
-        )
+        raise render.DataError("nothing to do: pass --image FILE|DIR, --prompt TEXT, or --eval DIR")
     for name, img in read_inputs(cfg, lrm.config.res, device):
         reconstruct(cfg, lrm, name, img, device)
     render.write_index(cfg.out)

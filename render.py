@@ -25,12 +25,14 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -897,6 +899,58 @@ def write_ply(path, v, f, rgb):
     atomic_write(path, lambda t: t.write_bytes(head + vert.tobytes() + face.tobytes()))
 
 
+def save_gif(out, frames, scale):
+    """Frames (T,3,H,W) in [0,1], each pixel enlarged to scale x scale -> GIF `out`, looping at
+    12.5 frames a second; -> its frames, uint8 (H*scale, W*scale, 3)."""
+    big = F.interpolate(frames, scale_factor=scale, mode="nearest")
+    gif = [(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in big]
+    atomic_write(out, lambda p: imageio.mimsave(p, gif, format="GIF", duration=0.08, loop=0))
+    return gif
+
+
+GLB_MAGIC, GLB_JSON, GLB_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942  # "glTF", "JSON", "BIN\0"
+GL_FLOAT, GL_UINT, GL_ARRAY_BUFFER, GL_ELEMENT_ARRAY_BUFFER = 5126, 5125, 34962, 34963
+
+
+def write_glb(path, v, f, rgb):
+    """Binary glTF 2.0, written by hand: a 12-byte header, a JSON chunk and a binary chunk, each
+    padded to 4 bytes. The binary chunk holds positions (+Y up, as glTF requires: our +z up turns
+    to +y), vertex colours as COLOR_0 in linear light (ours are sRGB) and the triangles' indices;
+    a plain double-sided material makes viewers show the colours. An empty mesh: an empty scene."""
+    pos = (v[:, [0, 2, 1]] * torch.tensor([1.0, 1.0, -1.0])).numpy().astype("<f4")  # (V,3)
+    c = rgb.clamp(0, 1)
+    linear = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    blobs = [pos.tobytes(), linear.numpy().astype("<f4").tobytes()]
+    blobs.append(f.numpy().astype("<u4").tobytes())
+    start = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    targets = (GL_ARRAY_BUFFER, GL_ARRAY_BUFFER, GL_ELEMENT_ARRAY_BUFFER)
+    views = [
+        dict(buffer=0, byteOffset=s, byteLength=len(b), target=t)
+        for s, b, t in zip(start, blobs, targets)
+    ]
+    accessors = [
+        dict(bufferView=0, componentType=GL_FLOAT, count=len(pos), type="VEC3"),
+        dict(bufferView=1, componentType=GL_FLOAT, count=len(pos), type="VEC3"),
+        dict(bufferView=2, componentType=GL_UINT, count=3 * len(f), type="SCALAR"),
+    ]
+    gltf = dict(asset=dict(version="2.0", generator="VFusion3D teaching edition"), scene=0)
+    gltf["scenes"] = [dict(nodes=[0] if len(f) else [])]
+    if len(f):
+        accessors[0].update(min=pos.min(0).tolist(), max=pos.max(0).tolist())
+        shading = dict(baseColorFactor=[1, 1, 1, 1], metallicFactor=0.0, roughnessFactor=1.0)
+        primitive = dict(attributes=dict(POSITION=0, COLOR_0=1), indices=2, material=0)
+        gltf.update(nodes=[dict(mesh=0)], meshes=[dict(primitives=[primitive])])
+        gltf.update(materials=[dict(pbrMetallicRoughness=shading, doubleSided=True)])
+        gltf.update(buffers=[dict(byteLength=start[-1])], bufferViews=views, accessors=accessors)
+    text = json.dumps(gltf).encode()
+    text += b" " * (-len(text) % 4)
+    chunks = struct.pack("<II", len(text), GLB_JSON) + text
+    if len(f):
+        chunks += struct.pack("<II", start[-1], GLB_BIN) + b"".join(blobs)  # 12-byte rows: aligned
+    head = struct.pack("<III", GLB_MAGIC, 2, 12 + len(chunks))
+    atomic_write(path, lambda p: p.write_bytes(head + chunks))
+
+
 def chamfer_fscore(pred, gt, tau=0.05):
     """Chamfer-L1 (mean of the two directed mean distances) and F-score at tau,
     points (N,3), (M,3)."""
@@ -936,7 +990,7 @@ PAGE = (
     ("Stage 4: (C) synthetic + real", "4_finetune", "samples/final.png", "python finetune_3d.py"),
     ("(A) real only", "4_from_scratch", "samples/final.png", "finetune_3d.py --from_scratch"),
     ("Stage 5: image to 3D", "5_infer/demo", "input.png turntable.gif", "python infer.py --image"),
-    ("Table: input | A | C | truth", "table", "compare_0.gif compare_1.gif", "infer.py --table"),
+    ("Table: in | A | C | truth", "table", "compare_0.gif compare_1.gif", "finetune_3d.py --table"),
 )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ if [ "$mode" = "scaling" ]; then
     python train_lrm.py $args --max_objects "$n" --stage_dir "scaling/$part/3_lrm"
     python finetune_3d.py $args --init "$out/scaling/$part/3_lrm/lrm.safetensors" --stage_dir "scaling/$part/4_finetune"
   done
-  python infer.py $args --table
+  python finetune_3d.py $args --table
   exit 0
 fi
 if [ "$mode" = "scarce" ]; then
@@ -29,7 +29,7 @@ if [ "$mode" = "scarce" ]; then
       python finetune_3d.py $args --max_objects "$n" --init "$out/scaling/$part/3_lrm/lrm.safetensors" --stage_dir "scaling/$part/4_finetune_scarce"
     fi
   done
-  python infer.py $args --table
+  python finetune_3d.py $args --table
   exit 0
 fi
 python render.py $args                         # stage 0: the toy 3D world
@@ -56,4 +56,4 @@ if [ -z "$a_pid" ]; then
   python finetune_3d.py $args --from_scratch   # the same LRM on the real assets alone     = experiment (A)
 fi
 python infer.py $args --image "$out/0_data/assets/test_unseen/00000/000.png" --name demo   # stage 5: one image -> mesh
-python infer.py $args --table                  # the comparison table in $out/table/
+python finetune_3d.py $args --table              # the comparison table in $out/table/

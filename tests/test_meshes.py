@@ -1,6 +1,6 @@
 """Meshes in and out (issue #24): our marching cubes against scikit-image's, the user's meshes
 rendered into object folders (render.py --meshes), the mesh renderer against the exact one, and
-infer.py's GLB read back."""
+the GLB writer (render.write_glb, infer.py's) read back."""
 
 import json
 import struct
@@ -10,7 +10,6 @@ import pytest
 import torch
 from skimage.measure import marching_cubes as skimage_marching_cubes
 
-import infer
 import render
 from conftest import one_line_error, run_script
 
@@ -234,7 +233,7 @@ def test_glb_parses_back_with_one_colour_per_vertex(tmp_path):
     v, f = render.extract_mesh(lambda p: 0.5 - p.norm(dim=-1), 12, 0.0)
     v = v * torch.tensor([1.0, 1.0, 1.5])  # taller along +z, our up
     rgb = (v.clamp(-1, 1) + 1) / 2
-    infer.write_glb(tmp_path / "m.glb", v, f, rgb)
+    render.write_glb(tmp_path / "m.glb", v, f, rgb)
     gltf, blob = read_glb(tmp_path / "m.glb")
     prim = gltf["meshes"][0]["primitives"][0]
     acc = gltf["accessors"]
@@ -258,7 +257,7 @@ def test_glb_parses_back_with_one_colour_per_vertex(tmp_path):
     assert (idx == f.numpy()).all()
     srgb = np.where(col <= 0.0031308, col * 12.92, 1.055 * col ** (1 / 2.4) - 0.055)  # back to sRGB
     assert np.allclose(srgb, rgb.numpy(), atol=1e-4)
-    infer.write_glb(
+    render.write_glb(
         tmp_path / "empty.glb",
         torch.zeros(0, 3),
         torch.zeros(0, 3, dtype=torch.long),
