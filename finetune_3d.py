@@ -70,7 +70,7 @@ RUNS = {
 SPLITS = {"all": "all test assets", "seen": "seen categories", "unseen": "unseen categories"}
 
 
-def split_of(metrics, name):
+def part_of(metrics, name):
     """A stage's metrics.json over all test assets ("all") or one split -> its n_objects, rows."""
     return metrics if name == "all" else metrics["splits"][name]
 
@@ -90,7 +90,7 @@ def collect_runs(root):
         if path.is_file():
             m = json.loads(path.read_text())
             for name, split in splits.items():
-                split["rows"][row] = split_of(m, name)["rows"]["lrm"]
+                split["rows"][row] = part_of(m, name)["rows"]["lrm"]
             info[row] = dict(
                 seconds=m["seconds"],
                 steps=m.get("steps"),
@@ -104,7 +104,7 @@ def collect_runs(root):
         )
     base = json.loads((root / "4_finetune/metrics.json").read_text())
     for name, split in splits.items():
-        of = split_of(base, name)
+        of = part_of(base, name)
         split["n_objects"] = of["n_objects"]
         split["rows"] |= {baseline: of["rows"][baseline] for baseline in ("copy_input", "sphere")}
     return splits, info
@@ -113,7 +113,7 @@ def collect_runs(root):
 def markdown(header, body):
     """A markdown table: the header's cells, then each row's -> its text."""
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline and the paper's comparison: stages 0-5, with experiment (A) beside stages 1-2.
+# The whole pipeline and the paper's comparison: stages 0-5, with experiment (A) beside stages 2-3.
 #   bash run_all.sh [preset] [out]            stages 0-5 and the (A)/(B)/(C) table   (tiny: 93 min on 2 cores)
 #   bash run_all.sh scaling [preset] [out]    the scaling curve: (C) with 1/4 and 1/2 of the synthetic set
 #   bash run_all.sh scarce [preset] [out]     (A) and (C) again with 1/4 of the real assets (the paper's scarce 3D data),
@@ -33,24 +33,24 @@ if [ "$mode" = "scarce" ]; then
   exit 0
 fi
 python render.py $args                         # stage 0: the toy 3D world
-# Experiment (A) needs only the real assets, so with two or more cores it trains beside stages 1-2
-# (about as long as it takes), each side on half of the cores (its log: $out/4_from_scratch.log);
-# stages 3-4 then get every core. With one core it runs after stage 4.
+python finetune_video.py $args                 # stage 1: temporal layers on the shipped image model, + evaluation
+# Experiment (A) needs only the real assets, so with two or more cores it trains beside stages 2-3
+# (about as long as they take at one thread), each side on half of the cores (its log:
+# $out/4_from_scratch.log); stages 1 and 4 get every core. With one core it runs after stage 4.
 cores=$(nproc); half=$((cores / 2)); a_pid=""
 if [ "$cores" -ge 2 ]; then
   OMP_NUM_THREADS=$half python finetune_3d.py $args --from_scratch > "$out/4_from_scratch.log" 2>&1 &
   a_pid=$!; trap 'kill "$a_pid" 2>/dev/null || true' EXIT
-  echo "experiment (A) is training beside stages 1-2 (pid $a_pid, log $out/4_from_scratch.log)"
+  echo "experiment (A) is training beside stages 2-3 (pid $a_pid, log $out/4_from_scratch.log)"
   export OMP_NUM_THREADS=$((cores - half))
 fi
-python finetune_video.py $args                 # stage 1: temporal layers on the shipped image model, + evaluation
 python generate_views.py $args                 # stage 2: prompts -> synthetic multi-view objects
+python train_lrm.py $args                      # stage 3: LRM on the synthetic views       = experiment (B)
 if [ -n "$a_pid" ]; then
-  echo "waiting for experiment (A) to finish before stage 3 (log $out/4_from_scratch.log)"
+  echo "waiting for experiment (A) to finish before stage 4 (log $out/4_from_scratch.log)"
   wait "$a_pid" || { echo "experiment (A) failed: see $out/4_from_scratch.log"; exit 1; }
   trap - EXIT; unset OMP_NUM_THREADS
 fi
-python train_lrm.py $args                      # stage 3: LRM on the synthetic views       = experiment (B)
 python finetune_3d.py $args                    # stage 4: fine-tune on the real assets     = experiment (C)
 if [ -z "$a_pid" ]; then
   python finetune_3d.py $args --from_scratch   # the same LRM on the real assets alone     = experiment (A)
