@@ -292,7 +292,7 @@ def run_engine(cfg, engine, device, rank, world):
                 render.atomic_write(out / f"{i}.rejected", lambda t: t.write_text(reason + "\n"))
         made += len(chunk)
         bar.update(len(chunk))
-        bar.set_postfix(orbits_per_min=f"{made / (time.time() - t0) * 60:.0f}")
+        bar.set_postfix(orbits_per_min=f"{made / (time.time() - t0) * 60:.0f}", refresh=False)
     bar.close()
     return made, time.time() - t0
 

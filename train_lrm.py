@@ -341,7 +341,7 @@ def train(cfg, job, lrm, opt, data, test, start, losses):
             avg = 0.95 * avg + 0.05 * shown.item()
         speed = (step + 1 - start) * cfg.batch / (time.time() - t0)
         ssim = 1 - parts["ssim"].item()
-        bar.set_postfix(loss=f"{avg:.4f}", ssim=f"{ssim:.3f}", obj_s=f"{speed:.1f}")
+        bar.set_postfix(loss=f"{avg:.4f}", ssim=f"{ssim:.3f}", obj_s=f"{speed:.1f}", refresh=False)
 
         # checkpoint: weights, AdamW's moments and the losses, every ckpt_every steps and at the end
         if job.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
