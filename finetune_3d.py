@@ -4,8 +4,10 @@ Real renders are exactly consistent, so the pixel loss comes back (pixel + SSIM 
 lower learning rate and crops at full resolution. It imports train_lrm.py and runs its loop
 (train_lrm.run) with other data and defaults. --from_scratch trains the same model on the real
 assets alone from random weights (experiment A of the paper's comparison), with stage 3's
-schedule and as many steps as stages 3 and 4 together. --table then gathers the experiment: (A),
-(B) stage 3 alone and (C) over test_seen, test_unseen and both, the scaling curve and the pictures.
+schedule and as many steps as stages 3 and 4 together. --mix N also trains on N synthetic orbits
+of every category (rehearsal, not in the paper: the fine-tune on a few categories forgets part of
+the others). --table then gathers the experiment: (A), (B) stage 3 alone and (C) over test_seen,
+test_unseen and both, the scaling curve and the pictures.
 
 Reads:  out/3_lrm/lrm.safetensors, out/0_data/assets/train/ (or --data), out/0_data/assets/test_*/
 Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, samples/, metrics.json, meta.json
@@ -14,6 +16,7 @@ Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, samples/, met
 Run:    python finetune_3d.py                             (tiny: 1,200 steps, 9.3 min at one thread)
         python finetune_3d.py --preset micro --out /tmp/run
         python finetune_3d.py --from_scratch                  (experiment A)
+        python finetune_3d.py --mix 400 --stage_dir 4_mix     (C with rehearsal)
         python finetune_3d.py --table                         (after run_all.sh's runs)
         torchrun --nproc_per_node=4 finetune_3d.py --preset small --device cuda
 """

@@ -36,6 +36,7 @@ class Config:
     seed: int = 0  # repeatable runs on one machine
     data: str = ""  # folder of object folders ("" = <out>/2_views)
     max_objects: int = 0  # use only the first N objects of --data (0 = all; the scaling curve)
+    mix: int = 0  # also train on the first N synthetic orbits of <out>/2_views (stage 4 rehearsal)
     init: str = ""  # checkpoint to start from ("" = random weights)
     stage_dir: str = "3_lrm"  # output folder under --out
     resume: bool = True  # continue from <stage_dir>/lrm_state.safetensors if present
@@ -174,10 +175,7 @@ def make_batch(cfg, data, step, res):
     N, V = data["images"].shape[:2]
     B, T = cfg.batch, min(cfg.views, V)  # objects, target views per object
     idx = torch.randint(N, (B,), generator=g)
-    if cfg.random_source:
-        src = torch.randint(V, (B,), generator=g)
-    else:
-        src = torch.zeros(B, dtype=torch.long)
+    src = torch.randint(V, (B,), generator=g) if cfg.random_source else torch.zeros(B).long()
     key = SOURCE_FIRST if cfg.input_target else SOURCE_LAST
     order = torch.rand(B, V, generator=g).masked_fill(F.one_hot(src, V).bool(), key).argsort(1)
     tgt = order[:, :T]  # (B,T)
@@ -222,6 +220,11 @@ def build(cfg, job, hint):
     res = render.read_meta(Path(cfg.out) / "0_data", "python render.py")["config"]["res"]
     check_data(job.data, cfg.preset, hint, required=not cfg.data)
     data = load_set(job.data, res, hint, cfg.max_objects or None)
+    if cfg.mix:
+        # rehearsal: synthetic orbits of every category beside the real assets of a few
+        more = load_set(Path(cfg.out) / "2_views", res, "python generate_views.py", cfg.mix)
+        for k in data:
+            data[k] = data[k] + more[k] if k == "dirs" else torch.cat([data[k], more[k]])
     held_out = render.test_folders(Path(cfg.out) / "0_data", cfg.n_eval)  # seen, then unseen
     test = load_set(Path(cfg.out) / "0_data/assets", res, "python render.py", dirs=held_out)
     lrm = model.LRM(lrm_config(cfg, res))
@@ -244,10 +247,8 @@ def make_optimizer(cfg, lrm):
     """AdamW, weight decay on weight matrices only (not biases, norms, triplane tokens, pos)."""
     decay, nodecay = [], []
     for name, p in lrm.named_parameters():
-        if p.ndim >= 2 and "tokens" not in name and "pos" not in name:
-            decay.append(p)
-        else:
-            nodecay.append(p)
+        matrix = p.ndim >= 2 and "tokens" not in name and "pos" not in name
+        (decay if matrix else nodecay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": nodecay, "weight_decay": 0.0},
@@ -335,10 +336,7 @@ def train(cfg, job, lrm, opt, data, test, start, losses):
         if job.world > 1:
             dist.all_reduce(shown, op=dist.ReduceOp.AVG)
         losses.append(round(shown.item(), 6))
-        if avg is None:
-            avg = shown.item()
-        else:
-            avg = 0.95 * avg + 0.05 * shown.item()
+        avg = shown.item() if avg is None else 0.95 * avg + 0.05 * shown.item()
         speed = (step + 1 - start) * cfg.batch / (time.time() - t0)
         ssim = 1 - parts["ssim"].item()
         bar.set_postfix(loss=f"{avg:.4f}", ssim=f"{ssim:.3f}", obj_s=f"{speed:.1f}", refresh=False)

@@ -175,6 +175,15 @@ def test_micro_stages_3_and_4_write_their_folders(lrm_world):
     assert meta["kind"] == "lrm" and json.loads(meta["stage"]) == "finetune_3d"
 
 
+def test_mix_adds_synthetic_orbits_to_stage_4(lrm_world):
+    """--mix N: stage 4 trains on the real assets and the first N orbits of 2_views."""
+    args = ["--preset", "micro", "--out", lrm_world, "--n_eval", "1", "--sample_every", "1000"]
+    run_script("finetune_3d.py", *args, "--from_scratch", "--mix", "3", "--stage_dir", "4_mix")
+    m = json.loads((lrm_world / "4_mix/metrics.json").read_text())
+    real = len(list((lrm_world / "0_data/assets/train").glob("*/000.png")))
+    assert m["train_objects"] == real + 3
+
+
 def test_resume_after_sigkill_gives_the_same_weights(lrm_world, tmp_path):
     def args(name):
         root = tmp_path / name
