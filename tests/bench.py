@@ -167,11 +167,15 @@ def bench_volume(rows, ctx):
     rows.append(("volume renderer: speed against the reference (x)", sec_ref / sec_ours, "x"))
 
 
+CAPTION = "a red mug with a blue handle"  # a caption of the world (every word in the vocabulary)
+
+
 def tiny_unet(frames):
     """A UNet of the tiny preset's sizes with random weights (the image model when frames = 0)."""
     cfg = finetune_video.Config()
     torch.manual_seed(0)
-    vocab = sorted({w for s in range(200) for w in render.make_object(s)["caption"].split()})
+    n = len(render.CATEGORIES)
+    vocab = sorted({w for s in range(200) for w in render.make_object(s, s % n)["caption"].split()})
     channels, attn_res = finetune_video.ints(cfg.channels), finetune_video.ints(cfg.attn_res)
     mv = finetune_video.ints(cfg.mv_attn_res)
     config = model.UNetConfig(vocab, channels, attn_res, 32, cfg.text_dim, frames, mv)
@@ -187,7 +191,7 @@ def bench_video(rows, ctx):
     unet = unet.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], 1e-3)
     x = torch.randn(cfg.video_batch * 8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    ids = unet.text.tokenize(["a small red cone"] * cfg.video_batch)[0]
+    ids = unet.text.tokenize([CAPTION] * cfg.video_batch)[0]
 
     def step():
         loss = model.v_loss(unet, x, ids, 8, clean_first=True, t_power=cfg.video_t_power)
@@ -199,7 +203,7 @@ def bench_video(rows, ctx):
     rows.append(("stage 1 training (temporal layers), tiny", cfg.video_batch * 8 / sec, "frames/s"))
     add_mfu(rows, "stage 1 training step", step, sec, ctx["fp32"])
     first = torch.zeros(16, 3, 32, 32)
-    ids = unet.text.tokenize(["a small red cone"] * 16)[0]
+    ids = unet.text.tokenize([CAPTION] * 16)[0]
     noise = torch.randn(16, 8, 3, 32, 32)
     how = dict(steps=cfg.sample_steps, guidance=cfg.video_guidance, temperature=cfg.temperature)
     sec = timed(lambda: model.sample(unet.eval(), ids, noise, first, **how), 1)
@@ -208,7 +212,7 @@ def bench_video(rows, ctx):
     gcfg = generate_views.Config()
     image, _ = tiny_unet(0)
     names = [f"{i:05d}" for i in range(gcfg.batch)]
-    captions = ["a small red cone"] * gcfg.batch
+    captions = [CAPTION] * gcfg.batch
 
     def engine():
         generate_views.generate(
