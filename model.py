@@ -59,9 +59,11 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA only; a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, cpu=False):
+    """bf16 autocast on CUDA, and on the CPU if `cpu` (worth it only with native bf16)."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    on = kind == "cuda" or (cpu and device.type == "cpu")
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=on)
 
 
 # ------------------------------------------------------------------- shared by the training scripts

@@ -184,6 +184,17 @@ def test_mix_adds_synthetic_orbits_to_stage_4(lrm_world):
     assert m["train_objects"] == real + 3
 
 
+def test_bf16_on_the_cpu_trains_and_changes_the_numbers(lrm_world):
+    """--bf16 true: stage 3 under CPU bf16 autocast runs, and its losses are not fp32's."""
+    args = ["--n_eval", "1", "--sample_every", "1000", "--steps", "3"]
+    run_script(*train_args(lrm_world, *args, "--stage_dir", "bf16", "--bf16", "true"))
+    run_script(*train_args(lrm_world, *args, "--stage_dir", "fp32"))
+    losses = [
+        render.load_tensors(lrm_world / d / "lrm_state.safetensors")[1] for d in ("bf16", "fp32")
+    ]
+    assert losses[0]["losses"] != losses[1]["losses"]
+
+
 def test_resume_after_sigkill_gives_the_same_weights(lrm_world, tmp_path):
     def args(name):
         root = tmp_path / name
