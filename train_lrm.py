@@ -221,6 +221,8 @@ def build(cfg, job, hint):
     res = render.read_meta(Path(cfg.out) / "0_data", "python render.py")["config"]["res"]
     check_data(job.data, cfg.preset, hint, required=not cfg.data)
     data = load_set(job.data, res, hint, cfg.max_objects or None)
+    if cfg.mix and job.stage == "train_lrm":
+        raise render.DataError("--mix is finetune_3d.py's: stage 3 already trains on 2_views")
     if cfg.mix:
         # rehearsal: synthetic orbits of every category beside the real assets of a few
         more = load_set(Path(cfg.out) / "2_views", res, "python generate_views.py", cfg.mix)
@@ -250,10 +252,8 @@ def make_optimizer(cfg, lrm):
     for name, p in lrm.named_parameters():
         matrix = p.ndim >= 2 and "tokens" not in name and "pos" not in name
         (decay if matrix else nodecay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": nodecay, "weight_decay": 0.0},
-    ]
+    wd = cfg.weight_decay
+    groups = [{"params": decay, "weight_decay": wd}, {"params": nodecay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 

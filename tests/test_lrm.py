@@ -182,6 +182,9 @@ def test_mix_adds_synthetic_orbits_to_stage_4(lrm_world):
     m = json.loads((lrm_world / "4_mix/metrics.json").read_text())
     real = len(list((lrm_world / "0_data/assets/train").glob("*/000.png")))
     assert m["train_objects"] == real + 3
+    # stage 3 trains on 2_views already: --mix there would count each orbit twice
+    p = run_script(*train_args(lrm_world, "--mix", "3", "--stage_dir", "3_mix"), check=False)
+    assert one_line_error(p) and "finetune_3d.py" in p.stderr
 
 
 def test_bf16_on_the_cpu_trains_and_changes_the_numbers(lrm_world):
