@@ -581,8 +581,7 @@ def main():
         render.write_index(cfg.out)
         print(f"stage 1 ({', '.join(phases)}) done in {minutes:.1f} min -> {st.out}")
         print("next: python generate_views.py")
-    if world > 1:
-        dist.destroy_process_group()
+    model.teardown(world)
 
 
 if __name__ == "__main__":

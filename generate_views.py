@@ -391,8 +391,7 @@ def main():
         dist.barrier()
     if rank == 0:
         summarise(cfg, engine, made, seconds, device)
-    if world > 1:
-        dist.destroy_process_group()
+    model.teardown(world)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Paper: VFusion3D Sec. 3.1 (video model, temporal layers on frozen spatial layers
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -39,10 +40,20 @@ def setup(cfg):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # an hour's patience: the other ranks wait at the end while rank 0 evaluates and writes
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
     seed_all(cfg.seed)
     keep_freed_memory()
     return device, rank, world
+
+
+def teardown(world):
+    """Under torchrun, every rank waits for rank 0's last writes, then all leave together
+    (a gloo rank that destroys its group while another still works can abort at exit)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def keep_freed_memory():

@@ -390,8 +390,7 @@ def run(cfg, stage="train_lrm", hint="python generate_views.py"):
         done = cfg.steps - start
         speed = f"{done * cfg.batch / seconds:.1f} objects/s"
         print(f"{stage} done: {done} steps in {seconds / 60:.1f} min ({speed}) -> {job.out}")
-    if world > 1:
-        dist.destroy_process_group()
+    model.teardown(world)
     return job.out
 
 
