@@ -12,7 +12,8 @@ test_unseen and both, the scaling curve and the pictures.
 Reads:  out/3_lrm/lrm.safetensors, out/0_data/assets/train/ (or --data), out/0_data/assets/test_*/
 Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, samples/, metrics.json, meta.json
         --table: out/table/ metrics.json, table.md, scaling.md (+ scaling.png with matplotlib),
-        scaling_scarce.md after `run_all.sh scarce`, compare_*.gif (input | A | C | truth)
+        scaling_scarce.md after `run_all.sh scarce`, compare_*.gif (input | A | C | truth; and
+        compare_scarce_*.gif)
 Run:    python finetune_3d.py                             (tiny: 1,200 steps, 9.3 min at one thread)
         python finetune_3d.py --preset micro --out /tmp/run
         python finetune_3d.py --from_scratch                  (experiment A)
@@ -149,7 +150,7 @@ def experiment_table(cfg):
     for real in ("", "_scarce"):
         curve = [f"C_synthetic_{part}{real}" for part in ("quarter", "half", "then_3d")]
         scaling_curve(cfg, table / f"scaling{real}", splits, info, curve)
-    comparison_gifs(cfg, table)
+        comparison_gifs(cfg, table, real)
     render.write_index(cfg.out)
     return splits["all"]["rows"]
 
@@ -190,11 +191,16 @@ def scaling_curve(cfg, name, splits, info, curve):
 
 
 @torch.no_grad()
-def comparison_gifs(cfg, table, n=4, frames=24):
+def comparison_gifs(cfg, table, real="", n=4, frames=24):
     """Turntables of unseen-category test objects: input | (A) 3D only | (C) synthetic then 3D |
-    ground truth."""
+    ground truth -> compare{real}_*.gif (real: "" or "_scarce")."""
     root = Path(cfg.out)
-    paths = [root / RUNS[r] / "lrm.safetensors" for r in ("A_3d_only", "C_synthetic_then_3d")]
+    rows = (f"A_3d_only{real}", f"C_synthetic_then_3d{real}")
+    paths = [root / RUNS[r] / "lrm.safetensors" for r in rows]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"table: no compare{real}_*.gif: {', '.join(missing)} not trained yet")
+        return
     meta0 = render.read_meta(root / "0_data", "python render.py")
     c0 = render.Config(**meta0["config"])
     res = meta0["config"]["res"]
@@ -212,7 +218,7 @@ def comparison_gifs(cfg, table, n=4, frames=24):
             rgb, _ = m.render(planes, c2w[None], K[None], res, samples=(32, 32), stratified=False)
             cols.append(rgb[0])
         cols.append(render.on_white(rgba))
-        render.save_gif(table / f"compare_{i}.gif", torch.cat(cols, -1).clamp(0, 1), 3)
+        render.save_gif(table / f"compare{real}_{i}.gif", torch.cat(cols, -1).clamp(0, 1), 3)
 
 
 # ----------------------------------------------------------------------------- main

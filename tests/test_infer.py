@@ -53,7 +53,7 @@ def test_run_all_writes_every_stage_and_the_table(pipeline):
     page = (pipeline / "index.html").read_text()  # one page to look at; every picture it shows
     links = re.findall(r"src='([^']+)'", page)
     assert len(links) >= 10 and all((pipeline / link).is_file() for link in links)
-    assert list((pipeline / "table").glob("compare_*.gif"))
+    assert list((pipeline / "table").glob("compare_[0-9].gif"))
     s3, s4, s_a = (
         json.loads((pipeline / stage / "meta.json").read_text())["config"]["steps"]
         for stage in ("3_lrm", "4_finetune", "4_from_scratch")
@@ -88,6 +88,7 @@ def test_scarce_step_trains_a_and_c_on_a_quarter_of_the_real_assets(pipeline):
     curve = (pipeline / "table/scaling_scarce.md").read_text().splitlines()[2:]
     unseen = [line for line in curve if line.split("|")[3].strip() == "unseen"]
     assert len(unseen) == 1 + len(list(pipeline.glob("scaling/*/3_lrm/lrm.safetensors")))
+    assert list((pipeline / "table").glob("compare_scarce_*.gif"))  # (A) | (C) with 1/4 real
 
 
 def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
