@@ -10,27 +10,27 @@ cd "$(dirname "$0")"
 mode=""
 if [ "${1:-}" = "scaling" ] || [ "${1:-}" = "scarce" ]; then mode=$1; shift; fi
 preset=${1:-tiny}; out=${2:-out}; args="--preset $preset --out $out"
-# The LRM trains under bf16 autocast where the CPU multiplies bf16 natively (AVX512-BF16, AMX):
-# about 1.16x for stages 3-4 with the same metrics (docs/log.md); elsewhere it stays fp32.
-lrm="$args"
-if grep -qw -E "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null; then lrm="$args --bf16 true"; fi
+# Stage 3 trains under bf16 autocast where the CPU multiplies bf16 natively (AVX512-BF16, AMX):
+# 1.2x, its metrics unchanged. Stage 4 and (A) stay fp32: under bf16, (A) lost 0.7 dB (docs/log.md).
+syn="$args"
+if grep -qw -E "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null; then syn="$args --bf16 true"; fi
 if [ "$mode" = "scaling" ]; then
   kept=$(ls -d "$out"/2_views/*/ | wc -l)
   for part in quarter half; do
     if [ "$part" = quarter ]; then n=$((kept / 4)); else n=$((kept / 2)); fi
-    python train_lrm.py $lrm --max_objects "$n" --stage_dir "scaling/$part/3_lrm"
-    python finetune_3d.py $lrm --init "$out/scaling/$part/3_lrm/lrm.safetensors" --stage_dir "scaling/$part/4_finetune"
+    python train_lrm.py $syn --max_objects "$n" --stage_dir "scaling/$part/3_lrm"
+    python finetune_3d.py $args --init "$out/scaling/$part/3_lrm/lrm.safetensors" --stage_dir "scaling/$part/4_finetune"
   done
   python finetune_3d.py $args --table
   exit 0
 fi
 if [ "$mode" = "scarce" ]; then
   n=$(( $(ls -d "$out"/0_data/assets/train/*/ | wc -l) / 4 ))
-  python finetune_3d.py $lrm --max_objects "$n" --stage_dir 4_finetune_scarce
-  python finetune_3d.py $lrm --max_objects "$n" --stage_dir 4_from_scratch_scarce --from_scratch
+  python finetune_3d.py $args --max_objects "$n" --stage_dir 4_finetune_scarce
+  python finetune_3d.py $args --max_objects "$n" --stage_dir 4_from_scratch_scarce --from_scratch
   for part in quarter half; do
     if [ -f "$out/scaling/$part/3_lrm/lrm.safetensors" ]; then
-      python finetune_3d.py $lrm --max_objects "$n" --init "$out/scaling/$part/3_lrm/lrm.safetensors" --stage_dir "scaling/$part/4_finetune_scarce"
+      python finetune_3d.py $args --max_objects "$n" --init "$out/scaling/$part/3_lrm/lrm.safetensors" --stage_dir "scaling/$part/4_finetune_scarce"
     fi
   done
   python finetune_3d.py $args --table
@@ -43,21 +43,21 @@ python finetune_video.py $args                 # stage 1: temporal layers on the
 # $out/4_from_scratch.log); stages 1 and 4 get every core. With one core it runs after stage 4.
 cores=$(nproc); half=$((cores / 2)); a_pid=""
 if [ "$cores" -ge 2 ]; then
-  OMP_NUM_THREADS=$half python finetune_3d.py $lrm --from_scratch > "$out/4_from_scratch.log" 2>&1 &
+  OMP_NUM_THREADS=$half python finetune_3d.py $args --from_scratch > "$out/4_from_scratch.log" 2>&1 &
   a_pid=$!; trap 'kill "$a_pid" 2>/dev/null || true' EXIT
   echo "experiment (A) is training beside stages 2-3 (pid $a_pid, log $out/4_from_scratch.log)"
   export OMP_NUM_THREADS=$((cores - half))
 fi
 python generate_views.py $args                 # stage 2: prompts -> synthetic multi-view objects
-python train_lrm.py $lrm                       # stage 3: LRM on the synthetic views       = experiment (B)
+python train_lrm.py $syn                       # stage 3: LRM on the synthetic views       = experiment (B)
 if [ -n "$a_pid" ]; then
   echo "waiting for experiment (A) to finish before stage 4 (log $out/4_from_scratch.log)"
   wait "$a_pid" || { echo "experiment (A) failed: see $out/4_from_scratch.log"; exit 1; }
   trap - EXIT; unset OMP_NUM_THREADS
 fi
-python finetune_3d.py $lrm                     # stage 4: fine-tune on the real assets     = experiment (C)
+python finetune_3d.py $args                    # stage 4: fine-tune on the real assets     = experiment (C)
 if [ -z "$a_pid" ]; then
-  python finetune_3d.py $lrm --from_scratch    # the same LRM on the real assets alone     = experiment (A)
+  python finetune_3d.py $args --from_scratch   # the same LRM on the real assets alone     = experiment (A)
 fi
 python infer.py $args --image "$out/0_data/assets/test_unseen/00000/000.png" --name demo   # stage 5: one image -> mesh
 python finetune_3d.py $args --table              # the comparison table in $out/table/
