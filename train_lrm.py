@@ -218,11 +218,11 @@ def shard(batch, rank, world):
 def build(cfg, job, hint):
     """The training set (checked against the preset), the held-out test assets, and the LRM at
     stage 0's resolution: fresh, or with the weights of the --init checkpoint."""
+    if cfg.mix and job.stage == "train_lrm":
+        raise render.DataError("--mix is finetune_3d.py's: stage 3 already trains on 2_views")
     res = render.read_meta(Path(cfg.out) / "0_data", "python render.py")["config"]["res"]
     check_data(job.data, cfg.preset, hint, required=not cfg.data)
     data = load_set(job.data, res, hint, cfg.max_objects or None)
-    if cfg.mix and job.stage == "train_lrm":
-        raise render.DataError("--mix is finetune_3d.py's: stage 3 already trains on 2_views")
     if cfg.mix:
         # rehearsal: synthetic orbits of every category beside the real assets of a few
         more = load_set(Path(cfg.out) / "2_views", res, "python generate_views.py", cfg.mix)
