@@ -543,21 +543,57 @@ class TriplaneBlock(nn.Module):
         return x + self.mlp(self.norm_mlp(x, cam))
 
 
-def sample_planes(planes, pts):
-    """Triplane features at points: planes (B,3,C,P,P) for the xy, xz and yz planes (a plane's
-    columns follow its first axis, its rows the second), points (B,N,3) in [-1,1]^3 -> (B,3C,N). One
-    grid_sample reads all three planes; their features are concatenated (EG3D-style triplanes)."""
+def plane_corners(pts, P):
+    """Where points (B,N,3) in [-1,1]^3 read P x P triplanes: on each of the xy, xz and yz planes
+    the 4 texels around the point's projection, with their bilinear weights -> rows (B*N,12) of
+    the texel table (object b's plane k fills rows (3b+k)P^2 to (3b+k+1)P^2, row-major), weights
+    (B*N,12), plane k in columns 4k..4k+3. grid_sample's convention (align_corners=False): texel
+    centres at (i+0.5)/P*2-1, zero outside; a plane's columns follow its first axis, rows the
+    second."""
     B, N = pts.shape[:2]
-    uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 1)  # (B,3,N,2)
-    uv = uv.reshape(B * 3, 1, N, 2)
-    f = F.grid_sample(planes.flatten(0, 1), uv, align_corners=False)  # (B*3,C,1,N)
-    return f.view(B, 3 * planes.shape[2], N)
+    uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 2)  # (B,N,3,2)
+    x = ((uv + 1) * P - 1) / 2  # in texels: (column, row)
+    low = x.floor()
+    frac = torch.stack([1 - (x - low), x - low])  # (2,B,N,3,2): weight of the low, high texel
+    low = low.int()  # int32 rows: the backward sorts them, and that is faster than int64
+    obj, plane = torch.arange(B, device=pts.device), torch.arange(3, device=pts.device)
+    first = ((obj[:, None, None] * 3 + plane) * P * P).int()  # (B,1,3): each plane's first row
+    rows, weights = [], []
+    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        col, row = low[..., 0] + dc, low[..., 1] + dr  # (B,N,3)
+        inside = (col >= 0) & (col < P) & (row >= 0) & (row < P)
+        rows.append(first + row.clamp(0, P - 1) * P + col.clamp(0, P - 1))
+        weights.append(frac[dc, ..., 0] * frac[dr, ..., 1] * inside)
+    return torch.stack(rows, -1).view(B * N, 12), torch.stack(weights, -1).view(B * N, 12)
+
+
+class TexelGather(torch.autograd.Function):
+    """out[i] = sum_j weights[i,j] * table[rows[i,j]]: bilinear sampling as a weighted gather of
+    texel rows (F.embedding_bag). The backward is the same gather turned around: each texel
+    collects the gradients of the points that read it, found by one sort, which is far cheaper
+    than scattering into the table. No gradient reaches the weights: the points are data here."""
+
+    @staticmethod
+    def forward(ctx, table, rows, weights):
+        ctx.save_for_backward(rows, weights)
+        ctx.texels = table.shape[0]
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weights = ctx.saved_tensors
+        texel, order = rows.flatten().sort()
+        starts = torch.searchsorted(texel, torch.arange(ctx.texels, device=texel.device))
+        point = order // rows.shape[1]
+        reads = weights.flatten()[order]
+        g = F.embedding_bag(point, grad.contiguous(), starts, per_sample_weights=reads, mode="sum")
+        return g, None, None
 
 
 def plane_points(n, depths):
     """Cell centres of the xy, xz and yz planes' n x n grids, moved by each offset along the plane's
     normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate, as in
-    sample_planes."""
+    plane_corners."""
     g = (torch.arange(n) + 0.5) / n * 2 - 1
     v, u = torch.meshgrid(g, g, indexing="ij")
     d = torch.tensor(depths, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, n)
@@ -621,9 +657,9 @@ class LRM(nn.Module):
         # token grid -> planes at the image resolution, and the NeRF decoder that reads them
         up = c.res // c.tokens
         self.up = nn.ConvTranspose2d(c.dim, c.plane_ch, up, stride=up)
-        first = nn.Conv1d(3 * c.plane_ch, c.hidden, 1)
-        hidden = nn.Conv1d(c.hidden, c.hidden, 1)
-        self.decoder = nn.Sequential(first, nn.SiLU(), hidden, nn.SiLU(), nn.Conv1d(c.hidden, 4, 1))
+        first = nn.Linear(3 * c.plane_ch, c.hidden)
+        hidden = nn.Linear(c.hidden, c.hidden)
+        self.decoder = nn.Sequential(first, nn.SiLU(), hidden, nn.SiLU(), nn.Linear(c.hidden, 4))
         nn.init.constant_(self.decoder[-1].bias[:1], -3.0)  # start almost empty (white)
         if c.token_init == "image":
             # where each token's plane point lands in the source view
@@ -671,17 +707,28 @@ class LRM(nn.Module):
         return s.view(B, f.shape[1], 3, -1, R, R).transpose(1, 2).reshape(B * 3, -1, R, R)
 
     def field(self, planes, pts):
-        """planes (B,3,C,P,P), points (B,N,3) -> density (B,N) >= 0, colour (B,N,3)."""
-        out = self.decoder(sample_planes(planes, pts))  # (B,4,N): channels first, no copies
-        density = self.config.density_scale * F.softplus(out[:, 0] - 1)
-        return density, torch.sigmoid(out[:, 1:]).transpose(1, 2)
+        """planes (B,3,C,P,P), points (B,N,3) -> density (B,N) >= 0, colour (B,N,3). The decoder
+        reads the three planes' features at each point, concatenated (EG3D-style triplanes). Its
+        first layer is linear and so is bilinear sampling, so the two commute: the layer runs once
+        on each object's 3P^2 texels, not on every point, and each point sums the 12 texels it
+        reads (plane_corners). The same numbers for less than half the arithmetic."""
+        B, N = pts.shape[:2]
+        C, P = planes.shape[2], planes.shape[-1]
+        first = self.decoder[0]
+        w = first.weight.view(-1, 3, C)  # (H,3,C): the part of the first layer each plane feeds
+        table = torch.einsum("bkcyx,hkc->bkyxh", planes, w).reshape(-1, w.shape[0])  # (B*3P^2,H)
+        rows, weights = plane_corners(pts, P)
+        h = TexelGather.apply(table, rows, weights.to(table.dtype)) + first.bias  # (B*N,H)
+        out = self.decoder[1:](h).view(B, N, 4)
+        density = self.config.density_scale * F.softplus(out[..., 0] - 1)
+        return density, torch.sigmoid(out[..., 1:])
 
     def render(self, planes, c2w, K, res, crop=None, samples=(16, 16), stratified=True):
         """Render cameras c2w (B,V,4,4), K (B,V,3,3) at res x res (or a crop (top, left, size) of
         it) with samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w).
         Where one render goes: render.camera_rays makes the rays; render.volume_render (called by
         render_rays) places the samples along them and composites; it calls back field(), which
-        reads the planes (sample_planes) and decodes density and colour (LRM.field)."""
+        gathers the planes' texels (plane_corners) and decodes density and colour (LRM.field)."""
         B, V = c2w.shape[:2]
         if V > 1 and not torch.is_grad_enabled():
             # without gradients, a view at a time: the field's activations stay in the CPU's cache

@@ -107,7 +107,7 @@ def reference_render(lrm, planes, o, d, n_samples):
         for plane, axes in zip(planes[0], ([0, 1], [0, 2], [1, 2])):
             uv = p[:, axes].view(1, 1, -1, 2)
             feats.append(F.grid_sample(plane[None], uv, align_corners=False)[0, :, 0])  # (C,R)
-        out = lrm.decoder(torch.cat(feats)[None])[0]  # (4,R)
+        out = lrm.decoder(torch.cat(feats).T).T  # (4,R)
         sigma = lrm.config.density_scale * F.softplus(out[0] - 1) * hit
         alpha = 1 - torch.exp(-sigma * step * (0.5 if i == n_samples - 1 else 1.0))
         colour = colour + (trans * alpha)[:, None] * torch.sigmoid(out[1:]).T

@@ -58,9 +58,14 @@ def test_triplane_layout_and_lifted_tokens_agree():
         1, 3, 2, P, P
     )  # channel 0 = 1st axis, 1 = 2nd
     pts = (torch.rand(1, 200, 3) * 2 - 1) * (1 - 1 / P)
-    f = model.sample_planes(planes, pts)[0]  # (6,N)
+    reads, weights = model.plane_corners(pts, P)  # (N,12): 4 texels on each plane
+    texels = planes.permute(0, 1, 3, 4, 2).reshape(-1, 2)  # (3*P*P, 2): a row per texel
+    f = [
+        model.TexelGather.apply(texels, reads[:, k], weights[:, k])
+        for k in (slice(0, 4), slice(4, 8), slice(8, 12))
+    ]  # each plane's (N,2)
     x, y, z = pts[0].T
-    assert torch.allclose(f, torch.stack([x, y, x, z, y, z]), atol=1e-5)
+    assert torch.allclose(torch.cat(f, 1).T, torch.stack([x, y, x, z, y, z]), atol=1e-5)
     lrm = model.LRM(model.LRMConfig(res=32, tokens=P))  # each token's point sits in its own cell
     tok = model.plane_points(P, (0.0,))[:, 0]  # (3,P,P,3)
     for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
@@ -69,6 +74,30 @@ def test_triplane_layout_and_lifted_tokens_agree():
         tok.reshape(-1, 3), model.CANONICAL, render.intrinsics(render.FOV), 1
     )
     assert (depth > 0).all() and torch.allclose(lrm.token_uv.view(-1, 2), (uv * 2 - 1).clamp(-1, 1))
+
+
+def test_field_equals_decoding_grid_sampled_features():
+    """The first layer moved onto the texels gives grid_sample + decoder's numbers and gradients,
+    outside the box too (zero features there)."""
+    lrm = micro_lrm()
+    planes = torch.randn(2, 3, MICRO.plane_ch, 16, 16, requires_grad=True)
+    pts = torch.rand(2, 300, 3) * 2.4 - 1.2
+
+    def textbook():
+        uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 1)  # (B,3,N,2)
+        f = F.grid_sample(planes.flatten(0, 1), uv.flatten(0, 1)[:, None], align_corners=False)
+        out = lrm.decoder(f.view(2, -1, 300).transpose(1, 2))  # (B,N,4)
+        return MICRO.density_scale * F.softplus(out[..., 0] - 1), torch.sigmoid(out[..., 1:])
+
+    params = [planes, *lrm.decoder.parameters()]
+    for (a, b), want in zip(zip(lrm.field(planes, pts), textbook()), ("density", "colour")):
+        assert torch.allclose(a, b, atol=1e-5), want
+    grads = [
+        torch.autograd.grad(sum(x.square().sum() for x in fn()), params)
+        for fn in (lambda: lrm.field(planes, pts), textbook)
+    ]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_plane_skip_reads_the_pixel_a_plane_point_projects_to():
