@@ -21,6 +21,7 @@ Run:    python finetune_video.py     (tiny: video + eval from the shipped models
         torchrun --nproc_per_node=4 finetune_video.py --preset small --device cuda
 """
 
+import copy
 import dataclasses
 import shutil
 import time
@@ -46,26 +47,42 @@ class Config:
     out: str = "out"  # root holding the numbered stage folders
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0  # repeatable runs on one machine
-    phase: str = "auto"  # image | classifier | video | eval | auto (the first two if missing)
-    image_model: str = ""  # pretrained image model ("" = out/1_video's, else the one in weights/)
+    phase: str = "auto"  # image | classifier | pretrain | video | eval | auto (see phases_to_run)
     resume: bool = True  # continue from the last *_state.safetensors checkpoint if there is one
+    # the UNet
     channels: str = "32,64,96"  # UNet channels per resolution level
     attn_res: str = "8"  # resolutions (pixels) with self- and cross-attention
     mv_attn_res: str = "8"  # where temporal attention spans all pixels of all frames ("" = none)
     text_dim: int = 64  # text encoder width
-    image_steps: int = 4000  # optimizer steps of phase image
+    # the image model (phase image, the stand-in for Emu): a text-to-image UNet on the single views
+    image_model: str = ""  # the image model to start from ("" = out/1_video's, else weights/)
+    image_steps: int = 4000  # optimizer steps
     image_batch: int = 64  # images per step (global, over all ranks)
-    image_lr: float = 5e-4  # peak learning rate of phase image
-    image_ema: float = 0.999  # EMA decay of the image model's weights
-    video_steps: int = 1000  # optimizer steps of phase video
+    image_lr: float = 5e-4  # peak learning rate
+    image_ema: float = 0.999  # EMA decay of the weights
+    # the video prior (phase pretrain, EMU Video's step): temporal layers on the web clips
+    pretrained: str = ""  # the video model to start from ("" = out/1_video's, else weights/)
+    pretrain_steps: int = 6000  # optimizer steps
+    pretrain_batch: int = 8  # clips per step (global)
+    pretrain_lr: float = 2e-3  # peak learning rate of the temporal layers
+    pretrain_ema: float = 0.999  # EMA decay of the temporal weights
+    pretrain_holdout: float = 0.05  # share of the clips (the last ones) kept out to validate on
+    # the 3D fine-tune (phase video, Sec. 3.1): temporal layers on the real assets' orbits
+    from_image_model: bool = (
+        False  # start from the bare image model, not the video prior (ablation)
+    )
+    video_steps: int = 1000  # optimizer steps
     video_batch: int = 4  # orbits per step (global)
     video_lr: float = 5e-3  # peak learning rate of the temporal layers
-    video_t_power: float = 0.5  # noise levels t = u**p (p < 1: more at high noise, the layout)
     video_ema: float = 0.99  # EMA decay of the temporal weights
     video_shift: bool = True  # start each training orbit at a random view (cyclic shift: 8x orbits)
-    train_spatial: bool = False  # phase video trains every UNet weight (what the paper rejects)
+    train_spatial: bool = False  # train every UNet weight (what the paper rejects)
+    # shared by the training phases
+    t_power: float = 0.5  # video phases: noise levels t = u**p (p < 1: more at high noise)
     warmup: int = 100  # linear warm-up steps, then cosine decay to 10%
     cfg_drop: float = 0.1  # share of captions dropped in training (for classifier-free guidance)
+    ckpt_every: int = 250  # steps between resumable checkpoints
+    # sampling and evaluation
     sample_steps: int = 10  # DDIM steps when sampling
     guidance: float = 3.0  # classifier-free guidance on the text (image model: samples, baseline)
     video_guidance: float = 1.0  # guidance of the video model (1 = off: frame 0 conditions it)
@@ -73,7 +90,6 @@ class Config:
     n_eval: int = 50  # held-out assets evaluated by phase eval
     n_faithful: int = 96  # samples scored for caption faithfulness
     sample_every: int = 2000  # steps between sample grids in samples/
-    ckpt_every: int = 250  # steps between resumable checkpoints
     # the category classifier (phase classifier), the stand-in for the paper's DINO and CLIP
     classifier_steps: int = 3000  # optimizer steps
     classifier_batch: int = 64  # views per step
@@ -82,20 +98,25 @@ class Config:
     classifier_holdout: float = 0.1  # share of images/ (the last ones) kept out to validate on
 
 
+# Each preset in three parts: the networks, the phases' training, sampling and evaluation.
 PRESETS = {
-    "micro": dict(channels="16,32", text_dim=32, image_steps=40, image_batch=16, video_steps=12,
-                  video_batch=2, warmup=5, sample_steps=4, n_eval=4, n_faithful=8, sample_every=20,
-                  ckpt_every=10, classifier_steps=20, classifier_batch=16, classifier_width=8),
+    "micro": dict(channels="16,32", text_dim=32, classifier_width=8)
+    | dict(image_steps=40, image_batch=16, pretrain_steps=12, pretrain_batch=2, video_steps=12)
+    | dict(video_batch=2, classifier_steps=20, classifier_batch=16, warmup=5, ckpt_every=10)
+    | dict(sample_steps=4, n_eval=4, n_faithful=8, sample_every=20),
     "tiny": {},
-    "small": dict(channels="64,128,256,256", attn_res="16,8", text_dim=128, image_steps=60000,
-                  image_batch=256, video_steps=20000, video_batch=32, sample_steps=50, n_eval=100,
-                  ckpt_every=1000),
-    "paper": dict(channels="128,256,512,512", attn_res="32,16,8", text_dim=512, image_steps=500000,
-                  image_batch=2048, video_steps=100000, video_batch=256, sample_steps=50,
-                  n_eval=1000, ckpt_every=5000),
-}  # fmt: skip
+    "small": dict(channels="64,128,256,256", attn_res="16,8", text_dim=128)
+    | dict(image_steps=60000, image_batch=256, pretrain_steps=40000, pretrain_batch=64)
+    | dict(video_steps=20000, video_batch=32, ckpt_every=1000)
+    | dict(sample_steps=50, n_eval=100),
+    "paper": dict(channels="128,256,512,512", attn_res="32,16,8", text_dim=512)
+    | dict(image_steps=500000, image_batch=2048, pretrain_steps=200000, pretrain_batch=512)
+    | dict(video_steps=100000, video_batch=256, ckpt_every=5000)
+    | dict(sample_steps=50, n_eval=1000),
+}
 HINT_IMAGE = "python finetune_video.py --phase image"
 HINT_VIDEO = "python finetune_video.py --phase video"
+HINT_PRETRAIN = "python finetune_video.py --phase pretrain"
 
 
 def ints(s):
@@ -116,14 +137,26 @@ def load_images(data, res):
     return imgs * 2 - 1, list(caps)
 
 
-def load_orbits(dirs, views, res):
-    """Object folders -> orbits (N,V,3,H,W) in [-1,1], captions."""
+def load_orbits(dirs, views, res, cameras=True):
+    """Object folders (or web clips: cameras False) -> videos (N,V,3,H,W) in [-1,1], captions."""
     if not dirs:
         raise render.DataError(
             "no object folders in out/0_data/assets; run `python render.py` first"
         )
-    objs = [render.load_object(d, res, views) for d in render.progress(dirs, leave=False)]
+    bar = render.progress(dirs, desc="loading videos", leave=False)
+    objs = [render.load_object(d, res, views, cameras) for d in bar]
     return torch.stack([o["images"] for o in objs]) * 2 - 1, [o["prompt"] for o in objs]
+
+
+def load_clips(data, views, res):
+    """The web clips of out/0_data/videos -> clips (N,V,3,H,W) in [-1,1], captions."""
+    dirs = sorted(p.parent for p in (data / "videos").glob("*/prompt.txt"))
+    if not dirs:
+        raise render.DataError(
+            f"{data / 'videos'}: no web clips; run `python render.py --n_videos 4000` first "
+            "(or pass --from_image_model to skip the video prior)"
+        )
+    return load_orbits(dirs, views, res, cameras=False)
 
 
 def batcher(data, ids, batch, frames, shift=False):
@@ -159,38 +192,45 @@ class Stage:
 
 @dataclass
 class Run:
-    """One training run: phase image trains the whole UNet, phase video its temporal layers. The
-    Config's <phase>_steps, <phase>_lr and <phase>_ema fields set it (phase = image | video)."""
+    """One training run of the UNet: phase image trains all of it on single views; phases
+    pretrain and video train its temporal layers on clips and on orbits, frame 0 given clean."""
 
-    phase: str  # image | video: the state file is <phase>_model_state.safetensors
+    name: str  # the model it makes: <name>.safetensors, <name>_state.safetensors to resume
+    phase: str  # image | pretrain | video: a saved state shares the Config fields of this phase
     trainable: list  # the parameters the optimiser updates (and keeps an EMA of)
-    get_batch: Callable  # (step, rank, world) -> x (B*F,3,H,W), ids (B,L): see batcher
+    get_batch: Callable  # (step, rank, world) -> x (B*V,3,H,W), ids (B,L): see batcher
     on_sample: Callable  # (step) -> None: a sample grid every cfg.sample_every steps
+    steps: int  # optimizer steps
+    lr: float  # peak learning rate
+    ema: float  # EMA decay of the trainable weights
+    frames: int  # frames per sample: 1 for images; videos give frame 0 clean
+    t_power: float  # noise levels t = u**t_power
 
 
-# A resumed state must share the Config's training fields, not these (nor, for phase image's
-# state, phase video's video_* fields).
+# A resumed state must share the Config's training fields: not these (where it runs, how it
+# samples and evaluates; the model paths, whose files are checked where they are loaded), nor
+# another phase's own fields (those that start with another phase's name).
 NOT_TRAINING = "device resume phase out sample_every ckpt_every n_eval n_faithful temperature"
-NOT_TRAINING = (NOT_TRAINING + " sample_steps guidance video_guidance").split()
+NOT_TRAINING = (
+    NOT_TRAINING + " sample_steps guidance video_guidance image_model pretrained"
+).split()
+PHASES = ("image", "classifier", "pretrain", "video", "eval")
 
 
 def training_fields(cfg, phase):
     """The fields of cfg that a saved state of this phase must share."""
+    others = tuple(f"{p}_" for p in PHASES if p != phase)
     fields = dataclasses.asdict(cfg).items()
-    skip = phase == "image"  # the video_* fields do not touch the image model
-    return {
-        k: v for k, v in fields if k not in NOT_TRAINING and not (skip and k.startswith("video"))
-    }
+    return {k: v for k, v in fields if k not in NOT_TRAINING and not k.startswith(others)}
 
 
 def resume(path, conf, run, opt, ema):
     """Load a saved state into the weights, their EMA and AdamW -> its step; a state saved with
-    other training fields than conf is a one-line error. A field newer than the state reads as
-    the value the state trained with (video_t_power was 1.0 before it became a flag)."""
-    kind = f"{run.phase}_model_state"
-    tensors, saved, meta = model.load_checkpoint(path, kind, "python finetune_video.py")
-    saved = {"video_t_power": 1.0} | saved
-    if {k: saved.get(k) for k in conf} != conf:
+    other training fields than conf is a one-line error."""
+    tensors, saved, meta = model.load_checkpoint(
+        path, f"{run.name}_state", "python finetune_video.py"
+    )
+    if saved != conf:
         raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
     start = int(meta["step"])
     with torch.no_grad():
@@ -199,22 +239,20 @@ def resume(path, conf, run, opt, ema):
             e.copy_(tensors[f"ema{i}"])
     if start:
         model.restore_adam_state(opt, tensors, start)
-    print(f"resuming {run.phase}_model from step {start}")
+    print(f"resuming {run.name} from step {start}")
     return start
 
 
 def optimise(cfg, net, run, opt, step, st):
     """One AdamW step on the v-prediction loss -> the loss, the batch size. A share cfg_drop of
     the captions becomes the empty caption [START] (classifier-free guidance learns from those)."""
-    x, ids = run.get_batch(step, st.rank, st.world)  # (B*F,3,H,W), (B,L)
+    x, ids = run.get_batch(step, st.rank, st.world)  # (B*V,3,H,W), (B,L)
     empty = torch.full_like(ids, model.PAD)
     empty[:, 0] = model.START
     ids = torch.where(torch.rand(ids.shape[0])[:, None] < cfg.cfg_drop, empty, ids).to(st.device)
-    video = run.phase == "video"  # frame 0 given clean; noise levels t = u**video_t_power
-    frames = st.views if video else 1
     x = x.to(st.device).contiguous(memory_format=torch.channels_last)
     with model.autocast(st.device):
-        loss = model.v_loss(net, x, ids, frames, video, cfg.video_t_power if video else 1.0)
+        loss = model.v_loss(net, x, ids, run.frames, run.frames > 1, run.t_power)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
@@ -226,25 +264,26 @@ def train(cfg, unet, run, st):
     """AdamW + warm-up/cosine, EMA of the trainable weights, resumable from the run's state file.
     Every step reseeds the RNG from (seed, step, rank): a resumed run repeats an uninterrupted one.
     -> seconds trained."""
-    steps, lr = getattr(cfg, f"{run.phase}_steps"), getattr(cfg, f"{run.phase}_lr")
-    opt = torch.optim.AdamW(run.trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(run.trainable, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in run.trainable]
-    path = st.out / f"{run.phase}_model_state.safetensors"
+    path = st.out / f"{run.name}_state.safetensors"
     conf = training_fields(cfg, run.phase)
     start = resume(path, conf, run, opt, ema) if cfg.resume and path.is_file() else 0
     net = torch.nn.parallel.DistributedDataParallel(unet) if st.world > 1 else unet
-    bar = render.progress(
-        range(start, steps), desc=f"phase {run.phase}", initial=start, total=steps
-    )
+    steps = range(start, run.steps)
+    bar = render.progress(steps, desc=f"phase {run.phase}", initial=start, total=run.steps)
     bar.disable = st.rank != 0
-    avg, t0 = None, time.time()
+    avg = None
+    t0 = time.time()
     for step in bar:
+        # one optimiser step on this rank's share of the global batch
         model.seed_all(model.step_seed(cfg.seed, step, st.rank, st.world))
-        model.set_learning_rate(opt, model.learning_rate(step, steps, lr, cfg.warmup))
+        model.set_learning_rate(opt, model.learning_rate(step, run.steps, run.lr, cfg.warmup))
         loss, n = optimise(cfg, net, run, opt, step, st)
         with torch.no_grad():
             for p, e in zip(run.trainable, ema):
-                e.lerp_(p, 1 - getattr(cfg, f"{run.phase}_ema"))
+                e.lerp_(p, 1 - run.ema)
+
         # the bar shows a running mean of the loss
         if avg is None:
             avg = loss
@@ -252,11 +291,12 @@ def train(cfg, unet, run, st):
             avg = 0.98 * avg + 0.02 * loss
         img_s = f"{(step + 1 - start) * n * st.world / (time.time() - t0):.0f}"
         bar.set_postfix(loss=f"{avg:.4f}", img_s=img_s, refresh=False)
+
         # once in a while: the resumable state, a sample grid
-        if st.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
+        if st.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == run.steps):
             tensors = {f"p{i}": p for i, p in enumerate(run.trainable)} | model.adam_state(opt)
             tensors |= {f"ema{i}": e for i, e in enumerate(ema)}
-            model.save_checkpoint(path, tensors, f"{run.phase}_model_state", conf, step=step + 1)
+            model.save_checkpoint(path, tensors, f"{run.name}_state", conf, step=step + 1)
         if st.rank == 0 and (step + 1) % cfg.sample_every == 0:
             run.on_sample(step + 1)
     # the EMA weights are the result
@@ -343,12 +383,16 @@ def write_eval_pictures(out, gen, true, show=8):
 # ----------------------------------------------------------------------------- phases
 def image_model_path(cfg):
     """--image_model if given, else phase image's output in out/1_video, else the shipped one."""
-    own = Path(cfg.out) / "1_video/image_model.safetensors"
     if cfg.image_model:
         return Path(cfg.image_model)
-    elif own.is_file():
-        return own
-    return Path(f"weights/image_model_{cfg.preset}.safetensors")
+    return model.find_weights(cfg.out, cfg.preset, "image_model")
+
+
+def pretrained_path(cfg):
+    """--pretrained if given, else phase pretrain's output in out/1_video, else the shipped one."""
+    if cfg.pretrained:
+        return Path(cfg.pretrained)
+    return model.find_weights(cfg.out, cfg.preset, "pretrained_video")
 
 
 def phase_image(cfg, st):
@@ -367,7 +411,9 @@ def phase_image(cfg, st):
         tqdm.write(f"step {step}: caption faithfulness {faith:.2f}")
 
     batches = batcher(imgs, ids, cfg.image_batch, 1)
-    secs = train(cfg, unet, Run("image", list(unet.parameters()), batches, on_sample), st)
+    how = dict(steps=cfg.image_steps, lr=cfg.image_lr, ema=cfg.image_ema, frames=1, t_power=1.0)
+    run = Run("image_model", "image", list(unet.parameters()), batches, on_sample, **how)
+    secs = train(cfg, unet, run, st)
     if st.rank == 0:
         grid = st.out / "samples/image_final.png"
         faith = caption_faithfulness(cfg, unet, prompts, st.device, grid)["caption_faithfulness"]
@@ -442,18 +488,118 @@ def validate_classifier(data, clf, views, captions, first):
     return scores | dict(category_acc_by_azimuth=by)
 
 
-def phase_video(cfg, st):
-    """Sec. 3.1: zero-initialised temporal layers in the image model, every other weight frozen;
-    only the temporal layers are trained, on the orbits with frame 0 given clean
-    (--train_spatial: every weight, the alternative the paper rejects)."""
+def image_with_temporal(cfg, st):
+    """The image model with zero-initialised temporal layers inserted: at first exactly the image
+    model applied frame by frame. out/1_video keeps the image model, for the later stages."""
     src, own = image_model_path(cfg), st.out / "image_model.safetensors"
     mv = ints(cfg.mv_attn_res)
     unet, _ = model.load_unet(src, "image_model", HINT_IMAGE, frames=st.views, mv_attn_res=mv)
-    # out/1_video keeps the image model it started from, for the later stages
     if st.rank == 0 and src.resolve() != own.resolve():
         render.atomic_write(own, lambda t: shutil.copyfile(src, t))
+    return unet
+
+
+def same_spatial_weights(a, b):
+    """Whether two UNets share every spatial and text weight, byte for byte."""
+    theirs = b.state_dict()
+    mine = {k: v for k, v in a.state_dict().items() if not k.startswith("temporal.")}
+    return all(k in theirs and torch.equal(v, theirs[k]) for k, v in mine.items())
+
+
+def starting_model(cfg, st):
+    """Phase video's start: the pretrained video model (its temporal layers trained on the web
+    clips), or with --from_image_model the image model with zero-initialised temporal layers.
+    Either way the spatial and text weights are the image model's -> the UNet, its name."""
+    image = image_with_temporal(cfg, st)
+    if cfg.from_image_model:
+        return image, "image_model"
+    path = pretrained_path(cfg)
+    unet, _ = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)
+    if unet.config.frames != st.views or not same_spatial_weights(image, unet):
+        raise render.DataError(
+            f"{path}: not a video prior of this image model ({image_model_path(cfg)}) and "
+            f"{st.views} frames; run `{HINT_PRETRAIN}`, or pass --from_image_model"
+        )
+    return unet, "pretrained_video"
+
+
+def freeze_spatial(unet, train_spatial=False):
+    """Sec. 3.1: only the temporal layers train (train_spatial: every weight) -> the trainable
+    parameters."""
     for n, p in unet.named_parameters():
-        p.requires_grad = cfg.train_spatial or n.startswith("temporal.")
+        p.requires_grad = train_spatial or n.startswith("temporal.")
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def sample_pairs(cfg, unet, videos, captions, st):
+    """Videos generated from the first frames of `videos` (N,V,3,H,W) and their captions, each
+    beside the true one -> rows (V,3,H,2W) in [0,1] for save_grid."""
+    ids = unet.text.tokenize(captions)[0].to(st.device)
+    first = videos[:, 0].to(st.device)
+    g = sample_orbits(cfg, unet, ids, first, st.views, cfg.video_guidance, cfg.seed)
+    return [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, videos)]
+
+
+@torch.no_grad()
+def held_out_loss(unet, clips, ids, frames, seed, repeats=4):
+    """The v-prediction loss (frame 0 clean) on held-out clips from fixed noise, with the temporal
+    layers and without them (the image model frame by frame) -> dict."""
+    bare = copy.deepcopy(unet)
+    bare.temporal = None
+    out = {}
+    for name, net in (("held_out_loss", unet), ("held_out_loss_image_model", bare)):
+        losses = []
+        for k in range(repeats):
+            model.seed_all(seed + k)
+            x = clips[:64].flatten(0, 1)
+            losses.append(model.v_loss(net.eval(), x, ids[:64], frames, True).item())
+        out[name] = round(float(np.mean(losses)), 5)
+    return out
+
+
+def phase_pretrain(cfg, st):
+    """The video prior, EMU Video's step and Sec. 3.1's starting point: zero-initialised temporal
+    layers in the image model, every spatial and text weight frozen, trained on the web clips with
+    frame 0 given clean. The clips have no cameras and follow no orbit: the temporal layers learn
+    how things of every kind look as a camera moves, and phase video then teaches them the orbit."""
+    unet = image_with_temporal(cfg, st)
+    params = freeze_spatial(unet)
+    unet = unet.to(st.device).to(memory_format=torch.channels_last)
+    clips, caps = load_clips(st.data, st.views, st.res)
+    ids, _ = unet.text.tokenize(caps)
+    n_val = max(1, int(len(clips) * cfg.pretrain_holdout))  # the last clips: held out
+
+    def on_sample(step):
+        """Clips generated from the first frames of 4 held-out clips, beside them -> samples/."""
+        pairs = sample_pairs(cfg, unet, clips[-4:], caps[-4:], st)
+        save_grid(st.out / f"samples/pretrain_{step:06d}.png", pairs)
+
+    batches = batcher(clips[:-n_val], ids[:-n_val], cfg.pretrain_batch, st.views)
+    how = dict(steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, ema=cfg.pretrain_ema)
+    how |= dict(frames=st.views, t_power=cfg.t_power)
+    secs = train(
+        cfg, unet, Run("pretrained_video", "pretrain", params, batches, on_sample, **how), st
+    )
+    if st.rank == 0:
+        on_sample(cfg.pretrain_steps)
+        scores = held_out_loss(unet, clips[-n_val:], ids[-n_val:].to(st.device), st.views, cfg.seed)
+        info = dict(steps=cfg.pretrain_steps, seconds=round(secs), clips=len(clips) - n_val)
+        path = st.out / "pretrained_video.safetensors"
+        model.save_checkpoint(
+            path, unet.state_dict(), "pretrained_video", unet.config, **info, **scores
+        )
+        print(
+            f"video prior: held-out loss {scores['held_out_loss']:.4f} (the image model frame by "
+            f"frame: {scores['held_out_loss_image_model']:.4f}), {secs / 60:.1f} min -> {path}"
+        )
+
+
+def phase_video(cfg, st):
+    """Sec. 3.1: the temporal layers of the pretrained video model (or, with --from_image_model,
+    of the image model, starting at zero) fine-tuned on the real assets' orbits with frame 0 given
+    clean, every other weight frozen (--train_spatial: every weight, which the paper rejects)."""
+    unet, start = starting_model(cfg, st)
+    params = freeze_spatial(unet, cfg.train_spatial)
     unet = unet.to(st.device).to(memory_format=torch.channels_last)
     train_dirs = sorted(p.parent for p in (st.data / "assets/train").glob("*/000.png"))
     orbits, caps = load_orbits(train_dirs, st.views, st.res)
@@ -464,46 +610,59 @@ def phase_video(cfg, st):
 
     def on_sample(step):
         """Orbits of 4 held-out assets from their first view, beside the truth -> samples/."""
-        test_ids = unet.text.tokenize(test_caps)[0].to(st.device)
-        first = test[:, 0].to(st.device)
-        g = sample_orbits(cfg, unet, test_ids, first, st.views, cfg.video_guidance, cfg.seed)
-        pairs = [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, test)]  # (V,3,H,2W)
-        save_grid(st.out / f"samples/video_{step:06d}.png", pairs)
+        save_grid(
+            st.out / f"samples/video_{step:06d}.png", sample_pairs(cfg, unet, test, test_caps, st)
+        )
 
-    params = [p for p in unet.parameters() if p.requires_grad]
     batches = batcher(orbits, ids, cfg.video_batch, st.views, cfg.video_shift)
-    secs = train(cfg, unet, Run("video", params, batches, on_sample), st)
+    how = dict(steps=cfg.video_steps, lr=cfg.video_lr, ema=cfg.video_ema)
+    how |= dict(frames=st.views, t_power=cfg.t_power)
+    secs = train(cfg, unet, Run("video_model", "video", params, batches, on_sample, **how), st)
     if st.rank == 0:
         on_sample(cfg.video_steps)
-        path, info = (
-            st.out / "video_model.safetensors",
-            dict(steps=cfg.video_steps, seconds=round(secs)),
-        )
+        path = st.out / "video_model.safetensors"
+        info = dict(steps=cfg.video_steps, seconds=round(secs), start=start)
         model.save_checkpoint(path, unet.state_dict(), "video_model", unet.config, **info)
         n = sum(p.numel() for p in params) / 1e6
         which = "all" if cfg.train_spatial else "temporal"
-        print(f"video model: {n:.2f}M {which} parameters trained, {secs / 60:.1f} min -> {path}")
+        print(
+            f"video model: {n:.2f}M {which} parameters trained from the {start}, "
+            f"{secs / 60:.1f} min -> {path}"
+        )
+
+
+def eval_models(cfg, st):
+    """The models phase eval compares, each with its text guidance: the video model, the video
+    prior it may have started from (before any 3D fine-tune), and the image model."""
+    video, _ = model.load_unet(st.out / "video_model.safetensors", "video_model", HINT_VIDEO)
+    image, _ = model.load_unet(st.out / "image_model.safetensors", "image_model", HINT_IMAGE)
+    nets = {"video_model": (video, cfg.video_guidance)}
+    path = pretrained_path(cfg)
+    if path.is_file():
+        prior, _ = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)
+        if prior.config.frames == st.views and same_spatial_weights(image, prior):
+            nets["pretrained_video"] = (prior, cfg.video_guidance)
+    if "pretrained_video" not in nets:
+        print(f"note: no video prior of this image model ({path}): its row is left out")
+    nets["image_model_per_frame"] = (image, cfg.guidance)
+    return {name: (net.to(st.device).eval(), g) for name, (net, g) in nets.items()}
 
 
 def phase_eval(cfg, st, t_start):
-    """Orbits from (view 0, caption) of held-out assets: (a) video model, (b) image model frame by
-    frame with the same noise, (c) copy of the input view, (d) white. PSNR/SSIM over views 1..V-1
-    -> metrics.json, eval_grid.png, eval.gif."""
-    video, _ = model.load_unet(st.out / "video_model.safetensors", "video_model", HINT_VIDEO)
-    image, _ = model.load_unet(st.out / "image_model.safetensors", "image_model", HINT_IMAGE)
+    """Orbits from (view 0, caption) of held-out assets: (a) the video model, (b) the video prior
+    before its 3D fine-tune, (c) the image model frame by frame with the same noise, (d) a copy of
+    the input view, (e) white. PSNR/SSIM over views 1..V-1 -> metrics.json, eval_grid.png,
+    eval.gif."""
+    nets = eval_models(cfg, st)
     folders = render.test_folders(st.data, cfg.n_eval)  # seen categories, then unseen
     true, caps = load_orbits(folders, st.views, st.res)  # (N,V,3,H,W)
-    ids, _ = video.text.tokenize(caps)
-    video, image = video.to(st.device).eval(), image.to(st.device).eval()
-    nets = {
-        "video_model": (video, cfg.video_guidance),
-        "image_model_per_frame": (image, cfg.guidance),
-    }
+    image = nets["image_model_per_frame"][0]
+    ids, _ = image.text.tokenize(caps)
     gens = {}
     for name, (net, guidance) in nets.items():
         chunks = list(zip(ids.split(16), true[:, 0].split(16)))
         samples = []
-        # chunk k starts from the noise of seed + k, the same for both models
+        # chunk k starts from the noise of seed + k, the same for every model
         for k, (i, f) in enumerate(render.progress(chunks, desc=f"eval {name}", leave=False)):
             i, f = i.to(st.device), f.to(st.device)  # captions, first views
             samples.append(sample_orbits(cfg, net, i, f, st.views, guidance, cfg.seed + k))
@@ -528,20 +687,30 @@ def phase_eval(cfg, st, t_start):
     render.print_table(scores["rows"])
 
 
+def for_this_world(path):
+    """Whether a model file exists and was made for this code's world."""
+    return path.is_file() and render.load_tensors(path)[1].get("world_version") == str(
+        render.WORLD_VERSION
+    )
+
+
 def phases_to_run(cfg):
-    """--phase auto: image and classifier (each only when there is none for this world yet), then
-    video and eval."""
+    """--phase auto: image, classifier and pretrain where this world has no such model of its own
+    or shipped (pretrain also after a new image model; not with --from_image_model), then video
+    and eval."""
     if cfg.phase != "auto":
         return [cfg.phase]
     phases = []
     path = image_model_path(cfg)
-    if not path.is_file():
-        phases.append("image")
-    elif render.load_tensors(path)[1].get("world_version") != str(render.WORLD_VERSION):
-        print(f"note: {path} is for another world; phase image trains one for this world first")
+    if not for_this_world(path):
+        if path.is_file():
+            print(f"note: {path} is for another world; phase image trains one for it first")
         phases.append("image")
     if model.find_classifier(cfg.out, cfg.preset) is None:
         phases.append("classifier")
+    prior = for_this_world(pretrained_path(cfg))
+    if not cfg.from_image_model and ("image" in phases or not prior):
+        phases.append("pretrain")
     return phases + ["video", "eval"]
 
 
@@ -569,6 +738,8 @@ def main():
         phase_image(cfg, st)
     if "classifier" in phases:
         phase_classifier(cfg, st)
+    if "pretrain" in phases:
+        phase_pretrain(cfg, st)
     if "video" in phases:
         phase_video(cfg, st)
     if "eval" in phases and rank == 0:

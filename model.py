@@ -142,6 +142,16 @@ def load_checkpoint(path, kind, hint):
     return tensors, json.loads(meta["config"]), meta
 
 
+WEIGHTS = Path(__file__).resolve().parent / "weights"  # the shipped models
+
+
+def find_weights(out, preset, name):
+    """A stage-1 model by name: <out>/1_video/<name>.safetensors where stage 1 made one, else the
+    one shipped in weights/ for the preset (which may not exist either)."""
+    own = Path(out) / "1_video" / f"{name}.safetensors"
+    return own if own.is_file() else WEIGHTS / f"{name}_{preset}.safetensors"
+
+
 def load_weights(module, tensors, path, prefix=""):
     """Copy tensors into module; mismatched names or shapes are a one-line DataError."""
     own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

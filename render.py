@@ -77,6 +77,7 @@ class Config:
     n_test_unseen: int = 40  # held-out real assets of the other categories, evaluation only
     n_images: int = 10000  # single views of other objects (the abundant 2D data)
     n_prompts: int = 2000  # captions of other objects (the "web-scale" prompts)
+    n_videos: int = 0  # web clips of new objects, no cameras (only to retrain the video prior)
     views: int = 8  # views per orbit
     res: int = 32  # image size, pixels
     supersample: int = 2  # rays per pixel side when rendering (anti-aliasing)
@@ -92,7 +93,7 @@ class Config:
 
 PRESETS = {
     "micro": dict(n_train=12, n_test_seen=4, n_test_unseen=4, n_images=64, n_prompts=32)
-    | dict(views=4, res=16, surface_points=1024),
+    | dict(n_videos=8, views=4, res=16, surface_points=1024),
     "tiny": {},
     "small": dict(n_train=2000, n_images=50000, n_prompts=20000, views=16, res=64),
     "paper": dict(n_train=100000, n_images=1000000, n_prompts=4000000, views=16, res=256),
@@ -260,21 +261,65 @@ def read_meta(folder, hint):
 
 
 # ----------------------------------------------------------------------------- cameras
-def orbit(views, start_deg=0.0, elevation_deg=ELEVATION, radius=RADIUS):
-    """The fixed orbit: `views` azimuths evenly spaced from the input view's, as OpenGL
-    camera-to-world matrices (+z up, each camera looking down its -z at the origin)
-    -> c2w (V,4,4), K (V,3,3)."""
-    az = (start_deg + torch.arange(views) * 360.0 / views).deg2rad()
-    el = torch.full_like(az, float(elevation_deg)).deg2rad()
-    pos = radius * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)  # (V,3)
-    back = F.normalize(pos, dim=-1)  # camera +z points away from the target
+def look_at(eye, target):
+    """OpenGL camera-to-world matrices of cameras at eye (V,3) looking at target (V,3), +z up
+    (the camera looks down its -z, +y is image-up) -> c2w (V,4,4)."""
+    back = F.normalize(eye - target, dim=-1)  # camera +z points away from the target
     world_up = torch.tensor([0.0, 0, 1]).expand_as(back)
     right = F.normalize(torch.cross(world_up, back, dim=-1), dim=-1)
     up = torch.cross(back, right, dim=-1)
-    c2w = torch.eye(4).repeat(len(az), 1, 1)
+    c2w = torch.eye(4).repeat(len(eye), 1, 1)
     c2w[:, :3, :3] = torch.stack([right, up, back], -1)
-    c2w[:, :3, 3] = pos
+    c2w[:, :3, 3] = eye
+    return c2w
+
+
+def on_sphere(azimuth, elevation, radius):
+    """Points at azimuths and elevations (V,) (radians) and radius (a number or (V,1)), +z up
+    -> (V,3)."""
+    x = elevation.cos() * azimuth.cos()
+    y = elevation.cos() * azimuth.sin()
+    return radius * torch.stack([x, y, elevation.sin()], -1)
+
+
+def orbit(views, start_deg=0.0, elevation_deg=ELEVATION, radius=RADIUS):
+    """The fixed orbit: `views` azimuths evenly spaced from the input view's, at one elevation and
+    distance, each camera looking at the origin -> c2w (V,4,4), K (V,3,3)."""
+    az = (start_deg + torch.arange(views) * 360.0 / views).deg2rad()
+    el = torch.full_like(az, float(elevation_deg)).deg2rad()
+    c2w = look_at(on_sphere(az, el, radius), torch.zeros(views, 3))
     return c2w, intrinsics(FOV).expand(views, 3, 3).clone()
+
+
+# A web clip's camera (clip_cameras): the range each of its quantities is drawn from (degrees,
+# world units). Each but the arc is drawn twice, for the first and the last frame.
+CLIP = dict(elevation=(-5.0, 45.0), arc=(90.0, 300.0), radius=(2.0, 3.0), fov=(38.0, 52.0))
+CLIP |= dict(aim=(-0.12, 0.12))  # the point looked at, each coordinate
+
+
+def clip_cameras(seed, views):
+    """The camera path of one web clip, as a phone or a turntable would film it, unlike the orbit
+    in every way: the elevation drifts, the azimuth advances in uneven steps (either way round)
+    over less than a full turn, the distance and the field of view change, and the aim wanders
+    off the centre. Stage 0 renders the clip's frames with it and keeps no trace of it (videos
+    come without cameras) -> c2w (V,4,4), K (V,3,3)."""
+    rng = np.random.default_rng([seed, 1])  # a stream apart from the object's (make_object)
+    t = torch.linspace(0, 1, views)
+
+    def drift(low, high, size=()):
+        """A quantity that moves linearly between two draws over the clip -> (V, *size)."""
+        start = torch.tensor(rng.uniform(low, high, size), dtype=torch.float32)
+        end = torch.tensor(rng.uniform(low, high, size), dtype=torch.float32)
+        return torch.lerp(start, end, t.view(-1, *[1] * len(size)))
+
+    elevation = drift(*CLIP["elevation"])
+    steps = rng.dirichlet(np.full(views - 1, 2.0)) * rng.uniform(*CLIP["arc"]) * rng.choice([-1, 1])
+    azimuth = rng.uniform(0, 360) + np.concatenate([[0.0], np.cumsum(steps)])
+    azimuth = torch.tensor(azimuth, dtype=torch.float32)
+    eye = on_sphere(azimuth.deg2rad(), elevation.deg2rad(), drift(*CLIP["radius"])[:, None])
+    aim = drift(*CLIP["aim"], (3,))
+    K = torch.stack([intrinsics(fov) for fov in drift(*CLIP["fov"]).tolist()])
+    return look_at(eye, aim), K
 
 
 def intrinsics(fov_deg):
@@ -1026,15 +1071,16 @@ def write_index(out):
 # ----------------------------------------------------------------------------- object folders
 def write_object(folder, views, c2w, K, prompt, surface=None, info=None):
     """One object folder, written under a temporary name and renamed when complete.
-    views (V,3|4,H,W) in [0,1]; for real assets, surface = (points (N,3), colours (N,3)) and
-    info = what object.json records (the category)."""
+    views (V,3|4,H,W) in [0,1]; c2w None for a web clip (no cameras); for real assets, surface =
+    (points (N,3), colours (N,3)) and info = what object.json records (the category)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for i, v in enumerate(views):
         save_png(tmp / f"{i:03d}.png", v)
-    save_tensors(tmp / "cameras.safetensors", {"c2w": c2w, "intrinsics": K})
+    if c2w is not None:
+        save_tensors(tmp / "cameras.safetensors", {"c2w": c2w, "intrinsics": K})
     (tmp / "prompt.txt").write_text(prompt + "\n")
     if surface is not None:
         save_tensors(tmp / "surface.safetensors", {"points": surface[0], "colors": surface[1]})
@@ -1044,9 +1090,10 @@ def write_object(folder, views, c2w, K, prompt, surface=None, info=None):
     os.replace(tmp, folder)
 
 
-def load_object(folder, res=None, views=None):
+def load_object(folder, res=None, views=None, cameras=True):
     """Read one object folder (real or synthetic) -> dict(images (V,3,H,W) on white, masks (V,1,H,W)
-    or None, c2w (V,4,4), K (V,3,3), prompt). Checks image sizes and the view count."""
+    or None, c2w (V,4,4), K (V,3,3), prompt). Checks image sizes and the view count. A web clip
+    (cameras False) has no cameras: its dict has none."""
     folder = Path(folder)
     files = sorted(folder.glob("[0-9][0-9][0-9].png"))
     if not files:
@@ -1056,16 +1103,18 @@ def load_object(folder, res=None, views=None):
             f"{folder}: has {len(files)} views, expected {views}; regenerate it at this preset"
         )
     loaded = [load_png(p, res) for p in files]
+    prompt_file = folder / "prompt.txt"
+    prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
+    masks = torch.stack([a for _, a in loaded]) if all(a is not None for _, a in loaded) else None
+    images = torch.stack([x for x, _ in loaded])
+    if not cameras:
+        return dict(images=images, masks=masks, prompt=prompt)
     cams, _ = load_tensors(folder / "cameras.safetensors")
     if cams.get("c2w", torch.zeros(0)).shape != (len(files), 4, 4):
         raise DataError(
             f"{folder / 'cameras.safetensors'}: c2w is not ({len(files)},4,4); "
             "regenerate this object folder"
         )
-    prompt_file = folder / "prompt.txt"
-    prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
-    masks = torch.stack([a for _, a in loaded]) if all(a is not None for _, a in loaded) else None
-    images = torch.stack([x for x, _ in loaded])
     return dict(images=images, masks=masks, c2w=cams["c2w"], K=cams["intrinsics"], prompt=prompt)
 
 
@@ -1281,10 +1330,12 @@ def import_meshes(cfg, root):
 
 # ----------------------------------------------------------------------------- stage 0
 # Each split owns a range of object seeds; the real assets' splits are folders under assets/.
-SPLITS = ("train", "test_seen", "test_unseen", "images", "prompts", "sheet")
+SPLITS = ("train", "test_seen", "test_unseen", "images", "prompts", "sheet", "videos")
 ASSETS = ("train", "test_seen", "test_unseen")
-# fields that change no byte of the world (the mesh fields write to 0_data/meshes/ only)
+# fields that change no byte of the world (the mesh fields write to 0_data/meshes/ only, and
+# n_videos to 0_data/videos/ only: clips can be added to a finished world)
 NOT_RECORDED = ("out", "device", "batch", "meshes", "mesh_colour", "mesh_up", "max_faces")
+NOT_RECORDED += ("n_videos",)
 
 
 def object_seed(cfg, split, i):
@@ -1309,13 +1360,15 @@ def world_object(cfg, split, i):
     return make_object(object_seed(cfg, split, i), cats[i % len(cats)])
 
 
-def is_complete(root, i, views):
-    """Whether object `i` is on disk in `root`:
-    its image (views None), or every file of its folder."""
+ASSET_FILES = ("cameras.safetensors", "surface.safetensors", "object.json")
+
+
+def is_complete(root, i, views, extra=ASSET_FILES):
+    """Whether object `i` is on disk in `root`: its image (views None), or its folder's views,
+    prompt.txt and the `extra` files (a real asset's; a web clip has none)."""
     if views is None:
         return (root / f"{i}.png").is_file()
-    need = [f"{k:03d}.png" for k in range(views)] + ["cameras.safetensors", "prompt.txt"]
-    need += ["surface.safetensors", "object.json"]
+    need = [f"{k:03d}.png" for k in range(views)] + ["prompt.txt", *extra]
     return all((root / i / n).is_file() for n in need)
 
 
@@ -1350,6 +1403,28 @@ def render_split(cfg, split, root):
     return len(ids), len(todo)
 
 
+def render_videos(cfg, root):
+    """The web clips that are missing: new objects of every category (from seeds of their own,
+    so no test object appears), each filmed along a clip_cameras path -> root/<id>/ with the
+    frames on white and prompt.txt, no cameras -> (count, rendered)."""
+    ids = [f"{i:05d}" for i in range(cfg.n_videos)]
+    todo = [i for i in ids if not is_complete(root, i, cfg.views, extra=())]
+    per = max(1, cfg.batch // cfg.views)  # clips per batch
+    batches = range(0, len(todo), per)
+    for start in progress(batches, desc="stage 0 videos     ", unit="batch", disable=not todo):
+        chunk = todo[start : start + per]
+        objs = [world_object(cfg, "videos", int(i)) for i in chunk]
+        cams = [clip_cameras(object_seed(cfg, "videos", int(i)), cfg.views) for i in chunk]
+        owner = torch.arange(len(chunk)).repeat_interleave(cfg.views)  # the clip of each frame
+        c2w = torch.cat([c for c, _ in cams])
+        K = torch.cat([k for _, k in cams])
+        rgba, _ = render_views(pack(objs), owner, c2w, K, cfg.res, cfg.supersample, cfg.trace_steps)
+        frames = on_white(rgba).split(cfg.views)  # a video has no alpha channel
+        for i, o, clip in zip(chunk, objs, frames):
+            write_object(root / i, clip, None, None, o["caption"])
+    return len(ids), len(todo)
+
+
 def image_sheet(path, rows, labels, scale=3, left=0, below=0):
     """A PNG grid: rows of images (each (N,3,H,W) in [0,1]), enlarged `scale` times, each row's
     label at its left (a `left` pixels wide column) or below it (a `below` pixels high band)."""
@@ -1366,9 +1441,10 @@ def image_sheet(path, rows, labels, scale=3, left=0, below=0):
     atomic_write(path, lambda t: sheet.save(t, format="PNG"))
 
 
-def contact_sheet(path, folders):
-    """preview.png: one row per asset (its orbit views) with the caption beneath."""
-    objs = [load_object(f) for f in folders]
+def contact_sheet(path, folders, cameras=True):
+    """preview.png: one row per object folder (its views) with the caption beneath; web clips
+    (videos.png) have no cameras."""
+    objs = [load_object(f, cameras=cameras) for f in folders]
     image_sheet(path, [o["images"] for o in objs], [o["prompt"] for o in objs], below=14)
 
 
@@ -1427,6 +1503,9 @@ def write_preview_and_meta(cfg, root, conf, seconds):
     a finished stage 0, with the categories and which of them have 3D assets."""
     contact_sheet(root / "preview.png", sorted((root / "assets/train").iterdir())[:8])
     category_sheet(cfg, root / "categories.png")
+    clips = sorted((root / "videos").glob("*/prompt.txt"))
+    if clips:
+        contact_sheet(root / "videos.png", [c.parent for c in clips[:16]], cameras=False)
     meta = dict(stage="render", preset=cfg.preset, config=conf, world_version=WORLD_VERSION)
     meta["seconds"] = round(seconds, 1)
     meta["versions"] = dict(torch=torch.__version__, numpy=np.__version__)
@@ -1434,6 +1513,7 @@ def write_preview_and_meta(cfg, root, conf, seconds):
     meta["categories_3d"] = CATEGORY_NAMES[: cfg.categories_3d]
     meta["asymmetric"] = [c.name for c in CATEGORIES if c.asymmetric]
     meta["counts"] = {split: getattr(cfg, "n_" + split) for split in (*ASSETS, "images", "prompts")}
+    meta["counts"]["videos"] = len(clips)
     save_json(root / "meta.json", meta)
 
 
@@ -1444,6 +1524,11 @@ def print_summary(cfg, root, counts, seconds):
     for split, (n, new) in counts.items():
         print(f"  {split:11s} {n:6d} objects  ({new} rendered now, {n - new} already complete)")
     print(f"  prompts     {cfg.n_prompts:6d} captions -> {root / 'prompts.txt'}")
+    if not counts["videos"][0]:
+        print("  videos: none (web clips only train the video prior: `python render.py --n_videos")
+        print(
+            "          4000`, then `python finetune_video.py --phase pretrain`; weights/ ships it)"
+        )
     seen = ", ".join(CATEGORY_NAMES[: cfg.categories_3d])
     print(f"  3D assets of {seen}; images and prompts of all {len(CATEGORIES)} categories")
     images, preview = root / "images", root / "preview.png"
@@ -1479,6 +1564,7 @@ def main():
     t0 = time.time()
     counts = {split: render_split(cfg, split, root / "assets" / split) for split in ASSETS}
     counts["images"] = render_split(cfg, "images", root / "images")
+    counts["videos"] = render_videos(cfg, root / "videos")
     prompts = (world_object(cfg, "prompts", i)["caption"] + "\n" for i in range(cfg.n_prompts))
     write_text(root / "prompts.txt", "".join(prompts))
     seconds = time.time() - t0

@@ -195,7 +195,7 @@ def bench_video(rows, ctx):
     ids = unet.text.tokenize([CAPTION] * cfg.video_batch)[0]
 
     def step():
-        loss = model.v_loss(unet, x, ids, 8, clean_first=True, t_power=cfg.video_t_power)
+        loss = model.v_loss(unet, x, ids, 8, clean_first=True, t_power=cfg.t_power)
         opt.zero_grad()
         loss.backward()
         opt.step()
