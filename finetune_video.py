@@ -346,23 +346,12 @@ def caption_faithfulness(cfg, unet, prompts, device, grid=None, clf=None):
     return dict(caption_faithfulness=round(faith, 3), caption_category=share)
 
 
-DIGITS = {"psnr": 3, "ssim": 4, "color_err": 4}  # metrics.json rounds each metric to these digits
-
-
 def score(gens, true, clf=None, captions=None):
-    """PSNR, SSIM, colour error (and with a classifier the category and colour accuracy) of each
-    method's views 1..V-1 against the truth, and of its far views alone (row name + "_far": at
-    least 90 degrees from the input view) -> rows."""
-    views = true.shape[1]
-    far = [k for k in range(1, views) if min(k, views - k) * 360 / views >= 90]
+    """Each method's orbits (N,V,3,H,W) in [-1,1] against the truth, over views 1..V-1 and over
+    the far views apart (row name + "_far") -> rows (model.orbit_rows)."""
     rows = {}
     for name, g in gens.items():
-        for suffix, ks in (("", list(range(1, views))), ("_far", far)):
-            pred, real = (g[:, ks].flatten(0, 1) + 1) / 2, (true[:, ks].flatten(0, 1) + 1) / 2
-            m = model.view_metrics(pred, real)
-            rows[name + suffix] = {k: round(m[k], n) for k, n in DIGITS.items()}
-            if clf is not None:
-                rows[name + suffix] |= model.judge_views(clf, (g[:, ks] + 1) / 2, captions)
+        rows |= model.orbit_rows(name, (g + 1) / 2, (true + 1) / 2, clf, captions)
     return rows
 
 
@@ -717,12 +706,7 @@ def phases_to_run(cfg):
 def read_world(cfg):
     """Stage 0's meta.json, which must come from this preset -> (views, res)."""
     data = Path(cfg.out) / "0_data"
-    meta = render.read_meta(data, f"python render.py --preset {cfg.preset} --out {cfg.out}")
-    if meta.get("preset") != cfg.preset:
-        raise render.DataError(
-            f"{data}: was made with preset {meta.get('preset')}, not {cfg.preset}; "
-            f"rerun `python render.py --preset {cfg.preset} --out {cfg.out}`"
-        )
+    meta = render.read_stage(data, cfg.preset, f"python render.py --out {cfg.out}")
     return meta["config"]["views"], meta["config"]["res"]
 
 

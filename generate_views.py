@@ -142,33 +142,21 @@ def stage1_models(cfg):
     own = Path(cfg.out) / "1_video"
     video = Path(cfg.video_model) if cfg.video_model else own / "video_model.safetensors"
     if not video.is_file():
-        shipped = f"weights/video_model_{cfg.preset}.safetensors"
+        shipped = model.WEIGHTS / f"video_model_{cfg.preset}.safetensors"
         raise render.DataError(
             f"{video}: missing; run `python finetune_video.py` first, "
             f"or pass --video_model {shipped} to start from the shipped one"
         )
     if not cfg.video_model:
-        meta1 = render.read_meta(own, "python finetune_video.py")
-        if meta1.get("preset") != cfg.preset:
-            raise render.DataError(
-                f"{own}: stage 1 was run with preset {meta1.get('preset')}, not {cfg.preset}; "
-                f"rerun it with --preset {cfg.preset}"
-            )
-    image = own / "image_model.safetensors"
-    if cfg.image_model or not image.is_file():
-        image = Path(cfg.image_model or f"weights/image_model_{cfg.preset}.safetensors")
+        render.read_stage(own, cfg.preset, "python finetune_video.py")
+    image = Path(cfg.image_model or model.find_weights(cfg.out, cfg.preset, "image_model"))
     return image, video
 
 
 def load(cfg, device, rank):
     """Stage 0's meta (the same preset, the orbit's size), the two models, the prompts."""
     data = Path(cfg.out) / "0_data"
-    meta0 = render.read_meta(data, "python render.py")
-    if meta0.get("preset") != cfg.preset:
-        raise render.DataError(
-            f"{data}: stage 0 was run with preset {meta0.get('preset')}, not {cfg.preset}; "
-            f"rerun it with --preset {cfg.preset}"
-        )
+    meta0 = render.read_stage(data, cfg.preset, "python render.py")
     views, res = meta0["config"]["views"], meta0["config"]["res"]
     hint = "python finetune_video.py" + (f" --preset {cfg.preset}" if cfg.preset != "tiny" else "")
     image_path, path = stage1_models(cfg)
@@ -313,19 +301,11 @@ def evaluate(cfg, engine, device):
             generate(cfg, engine.image_unet, engine.video_unet, names, captions, firsts, device)
         )
     gen = torch.cat(gen)
-    views = engine.views
-    far = [k for k in range(1, views) if min(k, views - k) * 360 / views >= 90]
 
     def score(idx):
         """The rows over the objects idx: all views but the input, and the far ones alone."""
-        rows = {}
-        for name, ks in (("synthetic", list(range(1, views))), ("synthetic_far", far)):
-            m = model.view_metrics(gen[idx][:, ks].flatten(0, 1), true[idx][:, ks].flatten(0, 1))
-            rows[name] = {k: round(v, 4) for k, v in m.items()}
-            if engine.clf is not None:
-                caps = [objs[i]["prompt"] for i in idx]
-                rows[name] |= model.judge_views(engine.clf, gen[idx][:, ks], caps)
-        return rows
+        caps = [objs[i]["prompt"] for i in idx]
+        return model.orbit_rows("synthetic", gen[idx], true[idx], engine.clf, caps)
 
     return render.rows_by_split(dirs, score)
 

@@ -67,7 +67,7 @@ def default_model(cfg):
     for stage in ("4_finetune", "3_lrm"):
         if (Path(cfg.out) / stage / "lrm.safetensors").is_file():
             return Path(cfg.out) / stage / "lrm.safetensors"
-    shipped = Path(f"weights/lrm_{cfg.preset}.safetensors")
+    shipped = model.WEIGHTS / f"lrm_{cfg.preset}.safetensors"
     if shipped.is_file():
         print(f"no trained LRM under {cfg.out}/: using the shipped one, {shipped}")
         return shipped
@@ -128,9 +128,7 @@ def output_name(cfg, image=None, n_images=1):
 def draw_first_frames(cfg, prompts, res, device):
     """Text-to-image: the stage-1 image model under --out (else the shipped one of --preset) draws
     each caption from the noise of seed + its index -> (N,3,res,res) in [0,1]."""
-    path = Path(cfg.out) / "1_video/image_model.safetensors"
-    if not path.is_file():
-        path = Path(f"weights/image_model_{cfg.preset}.safetensors")
+    path = model.find_weights(cfg.out, cfg.preset, "image_model")
     unet, _ = model.load_unet(path, "image_model", "python finetune_video.py --phase image")
     ids, unknown = unet.text.tokenize(prompts)
     if unknown:

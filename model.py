@@ -1,11 +1,23 @@
-"""Everything learned: the text encoder, the video diffusion UNet (spatial + temporal layers), the
-diffusion schedule and sampler, the LRM (DINO-style ViT, camera-modulated triplane transformer, NeRF
-decoder), the evaluation metrics, safetensors checkpoints and what the training scripts share
-(device, seeds, DDP, the learning-rate schedule, the optimiser state).
+"""Everything learned, from the caption and the image to the pixels, in reading order; then
+the training utilities every script shares. Imports render.py for cameras, marching cubes and
+files. Paper: VFusion3D Sec. 3.1 (the video model: temporal layers on frozen spatial layers)
+and Sec. 3.2 (the LRM).
 
-Imported by the stage scripts; imports render.py for volume rendering and file helpers.
-Paper: VFusion3D Sec. 3.1 (video model, temporal layers on frozen spatial layers) and
-       Sec. 3.2 (LRM).
+Contents, in reading order (who uses each part):
+Part 1: the text encoder (the UNet)
+Part 2: the video UNet, spatial and temporal layers (finetune_video.py, generate_views.py, infer.py)
+Part 3: diffusion (the same)
+Part 4: the LRM, from the image to the pixels (train_lrm.py, finetune_3d.py, infer.py)
+    the source camera | encoder and triplane transformer | reading the planes | volume rendering
+    | meshes and the image loss
+Part 5: the classifier (stage 1 trains it; stages 1, 2, 4, 5 score with it)
+Part 6: evaluation (every stage that evaluates)
+Part 7: training utilities and checkpoints, which you need not read to follow the method (every
+    script)
+    device, seeds, processes | the optimiser | checkpoints
+
+Shapes: B batch, V views (a video's frames), N points or tokens, L caption tokens, R rays, S samples
+per ray, C channels, H W image rows and columns, P plane side.
 """
 
 import contextlib
@@ -28,144 +40,14 @@ import torch.nn.functional as F
 import render
 
 
-# ----------------------------------------------------------------------------- setup
-def setup(cfg):
-    """Device, seed, DDP under torchrun -> (device, rank, world)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.device in ("", "auto"):  # cuda, then mps, then the cpu
-        found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        cfg.device = next((name for name, ok in found.items() if ok), "cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        # an hour's patience: the other ranks wait at the end while rank 0 evaluates and writes
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
-    seed_all(cfg.seed)
-    keep_freed_memory()
-    return device, rank, world
-
-
-def teardown(world):
-    """Under torchrun, every rank waits for rank 0's last writes, then all leave together
-    (a gloo rank that destroys its group while another still works can abort at exit)."""
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def keep_freed_memory():
-    """Let glibc keep freed memory, not unmap it: 2x the LRM's speed (docs/log.md)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every allocation from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed memory
-
-
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast(device, cpu=False):
-    """bf16 autocast on CUDA, and on the CPU if `cpu` (worth it only with native bf16)."""
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    on = kind == "cuda" or (cpu and device.type == "cpu")
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=on)
-
-
-# ------------------------------------------------------------------- shared by the training scripts
-SEED_STRIDE = 1_000_003  # seed * SEED_STRIDE + step: every step of every run draws its own numbers
-
-
-def step_seed(seed, step, rank=0, world=1):
-    """The RNG seed of one step on one rank: a resumed run repeats an uninterrupted one."""
-    return seed * SEED_STRIDE + step * world + rank
-
-
-def learning_rate(step, steps, peak, warmup):
-    """Linear warm-up over `warmup` steps, then a cosine from `peak` to 10% of it at `steps`."""
-    return peak * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
-
-
-def set_learning_rate(opt, lr):
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
-def adam_state(opt):
-    """AdamW's moments as flat tensors for a safetensors file: m<i>, v<i> per parameter index."""
-    state = opt.state_dict()["state"]
-    moments = {f"m{i}": s["exp_avg"] for i, s in state.items()}
-    return moments | {f"v{i}": s["exp_avg_sq"] for i, s in state.items()}
-
-
-def restore_adam_state(opt, tensors, step):
-    """The inverse of adam_state: load the moments saved at `step` back into `opt`."""
-    n = sum(len(group["params"]) for group in opt.param_groups)
-    state = {}
-    for i in range(n):
-        if f"m{i}" in tensors:
-            moments = {"exp_avg": tensors[f"m{i}"], "exp_avg_sq": tensors[f"v{i}"]}
-            state[i] = {"step": torch.tensor(float(step))} | moments
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, tensors, kind, config, **extra):
-    """Tensors + JSON metadata (kind = which stage's model, config = how to rebuild it)."""
-    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    meta = {"kind": kind, "config": json.dumps(config), "world_version": str(render.WORLD_VERSION)}
-    meta.update({k: json.dumps(v) for k, v in extra.items()})
-    render.save_tensors(path, tensors, meta)
-
-
-def load_checkpoint(path, kind, hint):
-    """-> (tensors, config dict, metadata). A checkpoint of another kind is a one-line DataError."""
-    if not os.path.isfile(path):
-        raise render.DataError(f"{path}: checkpoint missing; run `{hint}` first")
-    tensors, meta = render.load_tensors(path)
-    found = meta.get("kind", "unknown")
-    if found != kind:
-        raise render.DataError(
-            f"{path}: is a {found!r} checkpoint, expected {kind!r}; "
-            f"pass the right file or run `{hint}`"
-        )
-    if meta.get("world_version") != str(render.WORLD_VERSION):
-        raise render.DataError(
-            f"{path}: made for world v{meta.get('world_version')}, "
-            f"this code is v{render.WORLD_VERSION}; run `{hint}` again"
-        )
-    return tensors, json.loads(meta["config"]), meta
-
-
-WEIGHTS = Path(__file__).resolve().parent / "weights"  # the shipped models
-
-
-def find_weights(out, preset, name):
-    """A stage-1 model by name: <out>/1_video/<name>.safetensors where stage 1 made one, else the
-    one shipped in weights/ for the preset (which may not exist either)."""
-    own = Path(out) / "1_video" / f"{name}.safetensors"
-    return own if own.is_file() else WEIGHTS / f"{name}_{preset}.safetensors"
-
-
-def load_weights(module, tensors, path, prefix=""):
-    """Copy tensors into module; mismatched names or shapes are a one-line DataError."""
-    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        module.load_state_dict(own)
-    except RuntimeError as e:
-        first = (str(e).split("\n")[1:] or [str(e)[:200]])[0].strip()  # the first mismatch
-        raise render.DataError(
-            f"{path}: does not fit this model ({first}); was it made with another config?"
-        ) from None
-
-
-# ----------------------------------------------------------------------------- text encoder
-PAD, UNKNOWN, START = 0, 1, 2  # token ids before the vocabulary's; a caption starts with START
+# ==================================================================================================
+# Part 1: the text encoder
+# ==================================================================================================
+# Token ids before the vocabulary's: padding, a word the encoder never saw, the start token that
+# begins every caption (the empty caption of classifier-free guidance is [START] alone).
+PAD = 0
+UNKNOWN = 1
+START = 2
 
 
 class TextEncoder(nn.Module):
@@ -202,12 +84,31 @@ class TextEncoder(nn.Module):
         return x, x[:, 0], pad  # tokens, pooled, padding mask
 
 
-# ----------------------------------------------------------------------------- the video UNet
+def empty_caption(ids):
+    """Empty captions shaped like ids (B,L): [START], then padding."""
+    empty = torch.full_like(ids, PAD)
+    empty[:, 0] = START
+    return empty
+
+
+# ==================================================================================================
+# Part 2: the video UNet, spatial and temporal layers
+# ==================================================================================================
 def attend(q, k, v, heads, mask=None):
-    """Multi-head scaled dot-product attention on (B,N,C) tensors."""
+    """Multi-head attention: queries (B,N,C) read keys and values (B,M,C); mask (B,1,1,M) True
+    where a key may be read -> (B,N,C). The fused kernel computes what attend_plain spells out."""
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B,heads,N,c)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
+
+
+def attend_plain(q, k, v, heads, mask=None):
+    """attend, written out: each head's softmax(q k^T / sqrt(c)) v (the tests' reference)."""
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B,heads,N,c)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B,heads,N,M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
 
 
 class ResBlock(nn.Module):
@@ -248,27 +149,29 @@ class SpatialAttention(nn.Module):
         B, C, H, W = x.shape
         tokens, pad = text
         h = x.flatten(2).transpose(1, 2)  # (B,HW,C)
-        h = h + self.out_self(attend(*self.to_qkv(self.norm_self(h)).chunk(3, -1), self.heads))
-        k, v = self.to_kv(tokens).chunk(2, -1)
-        q = self.to_q(self.norm_cross(h))
+        # every pixel attends to every pixel
+        q, k, v = self.to_qkv(self.norm_self(h)).chunk(3, dim=-1)  # (B,HW,C) each
+        h = h + self.out_self(attend(q, k, v, self.heads))
+        # then to the caption's words
+        q = self.to_q(self.norm_cross(h))  # (B,HW,C)
+        k, v = self.to_kv(tokens).chunk(2, dim=-1)  # (B,L,C) each
         h = h + self.out_cross(attend(q, k, v, self.heads, ~pad[:, None, None, :]))
         return h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class TemporalLayer(nn.Module):
-    """Temporal layer (inserted after a spatial block): a circular 1D convolution over the frames of
-    the orbit and attention across frames with a frame-position embedding. Both are residual
-    branches whose output projections start at zero, so at insertion the block is the identity. With
-    full_res (low resolutions) the attention spans every pixel of every frame (multi-view attention,
-    as in MVDream), so a part can be followed as it moves across the image while the object
-    turns."""
+    """Temporal layer (inserted after a spatial block): a circular 1D convolution over the frames
+    and attention across them with a frame-position embedding. Both are residual branches whose
+    output projections start at zero, so at insertion the block is the identity. At the
+    resolutions of mv_attn_res the attention spans every pixel of every frame (multi-view
+    attention, as in MVDream): a part can be followed as it moves across the image."""
 
-    def __init__(self, dim, frames, heads=4, full_res=0):
+    def __init__(self, dim, frames, heads=4, mv_attn_res=0):
         super().__init__()
-        self.full = full_res > 0
-        self.heads = heads if self.full else 1  # one head over 8 frames is faster, as good
-        if self.full:
-            self.pixel_pos = nn.Parameter(torch.randn(full_res * full_res, dim) * 0.02)
+        self.multiview = mv_attn_res > 0  # this layer's resolution when it is multi-view, else 0
+        self.heads = heads if self.multiview else 1  # one head over 8 frames is faster, as good
+        if self.multiview:
+            self.pixel_pos = nn.Parameter(torch.randn(mv_attn_res * mv_attn_res, dim) * 0.02)
         self.norm_conv = nn.LayerNorm(dim)
         self.conv = nn.Conv1d(dim, dim, 3, padding=1, padding_mode="circular")  # orbits wrap around
         self.conv_out = nn.Linear(dim, dim)
@@ -280,21 +183,25 @@ class TemporalLayer(nn.Module):
             nn.init.zeros_(p)
 
     def forward(self, x, frames):
-        BF, C, H, W = x.shape
-        B = BF // frames
-        h = x.view(B, frames, C, H * W).permute(0, 3, 1, 2).reshape(-1, frames, C)  # (B*HW,F,C)
+        BV, C, H, W = x.shape
+        B = BV // frames
+        h = x.view(B, frames, C, H * W).permute(0, 3, 1, 2).reshape(-1, frames, C)  # (B*HW,V,C)
+        # each pixel's frames: a convolution over neighbouring ones
         c = self.conv(F.silu(self.norm_conv(h)).transpose(1, 2)).transpose(1, 2)
         h = h + self.conv_out(F.silu(c))
-        if self.full:
-            # tokens: every pixel of every frame
-            s = h.view(B, H * W, frames, C).transpose(1, 2)  # (B,F,HW,C)
-            q = (self.norm_attn(s) + self.frame_pos[:frames, None] + self.pixel_pos).flatten(1, 2)
-            s = s + self.attn_out(attend(*self.to_qkv(q).chunk(3, -1), self.heads)).view_as(s)
+        if self.multiview:
+            # attention over every pixel of every frame
+            s = h.view(B, H * W, frames, C).transpose(1, 2)  # (B,V,HW,C)
+            z = self.norm_attn(s) + self.frame_pos[:frames, None] + self.pixel_pos
+            q, k, v = self.to_qkv(z.flatten(1, 2)).chunk(3, dim=-1)  # (B,V*HW,C) each
+            s = s + self.attn_out(attend(q, k, v, self.heads)).view_as(s)
             h = s.transpose(1, 2).reshape(-1, frames, C)
         else:
-            q = self.norm_attn(h) + self.frame_pos[:frames]
-            h = h + self.attn_out(attend(*self.to_qkv(q).chunk(3, -1), self.heads))
-        return h.view(B, H * W, frames, C).permute(0, 2, 3, 1).reshape(BF, C, H, W)
+            # attention over one pixel's frames
+            z = self.norm_attn(h) + self.frame_pos[:frames]
+            q, k, v = self.to_qkv(z).chunk(3, dim=-1)  # (B*HW,V,C) each
+            h = h + self.attn_out(attend(q, k, v, self.heads))
+        return h.view(B, H * W, frames, C).permute(0, 2, 3, 1).reshape(BV, C, H, W)
 
 
 @dataclass
@@ -311,26 +218,30 @@ class UNetConfig:
 
 
 def unet_blocks(cfg, emb):
-    """The UNet's spatial blocks in order, as (role, module, resolution): the down path (ResBlock,
-    attention where the resolution is in attn_res, a strided convolution), the middle, and the up
-    path (each ResBlock also reads the down path's skip at its level, then an upsampling conv)."""
-    blocks, skips, cin, r = [], [], cfg.channels[0], cfg.res
+    """The UNet's spatial blocks in order, as (role, module, resolution): the down path (a
+    ResBlock whose output is kept as a skip, attention where the resolution is in attn_res, a
+    strided convolution), the middle, and the up path (each ResBlock also reads the skip of its
+    level, then an upsampling convolution). Roles: down, attn, pool, mid, up, upsample."""
+    blocks = []
+    skips = []  # the channels of each level's skip
+    cin = cfg.channels[0]
+    r = cfg.res
     for i, c in enumerate(cfg.channels):
         blocks.append(("down", ResBlock(cin, c, emb), r))
         if r in cfg.attn_res:
-            blocks.append(("down", SpatialAttention(c, cfg.text_dim), r))
+            blocks.append(("attn", SpatialAttention(c, cfg.text_dim), r))
         skips.append(c)
         cin = c
         if i < len(cfg.channels) - 1:
             blocks.append(("pool", nn.Conv2d(c, c, 3, stride=2, padding=1), r))
             r //= 2
     blocks.append(("mid", ResBlock(cin, cin, emb), r))
-    blocks.append(("mid", SpatialAttention(cin, cfg.text_dim), r))
+    blocks.append(("attn", SpatialAttention(cin, cfg.text_dim), r))
     blocks.append(("mid", ResBlock(cin, cin, emb), r))
     for i, c in reversed(list(enumerate(cfg.channels))):
         blocks.append(("up", ResBlock(cin + skips.pop(), c, emb), r))
         if r in cfg.attn_res:
-            blocks.append(("up", SpatialAttention(c, cfg.text_dim), r))
+            blocks.append(("attn", SpatialAttention(c, cfg.text_dim), r))
         cin = c
         if i > 0:
             blocks.append(("upsample", nn.Conv2d(c, c, 3, padding=1), r))
@@ -341,12 +252,13 @@ def unet_blocks(cfg, emb):
 class UNet(nn.Module):
     """Text-to-image UNet (the spatial layers) that becomes a video UNet when frames > 0: then a
     TemporalLayer follows every spatial block. Sec. 3.1: only the temporal layers are fine-tuned.
-    x (B*F,3,H,W), t (B*F,) in [0,1], caption ids (B,L) -> v-prediction (B*F,3,H,W)."""
+    x (B*V,3,H,W), t (B*V,) in [0,1], caption ids (B,L) -> v-prediction (B*V,3,H,W)."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        c0, emb = config.channels[0], 4 * config.channels[0]
+        c0 = config.channels[0]
+        emb = 4 * c0  # the width of the time + text embedding
         self.text = TextEncoder(config.vocab, config.text_dim)
         self.time = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.text_proj = nn.Linear(config.text_dim, emb)
@@ -360,9 +272,10 @@ class UNet(nn.Module):
         if config.frames:
             # one temporal layer after each ResBlock and attention block, none after the resamplers
             spatial = [(m.width, r) for role, m, r in blocks if role not in ("pool", "upsample")]
+            multiview = [r if r in config.mv_attn_res else 0 for _, r in spatial]
             self.temporal = nn.ModuleList(
-                TemporalLayer(w, config.frames, full_res=r if r in config.mv_attn_res else 0)
-                for w, r in spatial
+                TemporalLayer(w, config.frames, mv_attn_res=m)
+                for (w, _), m in zip(spatial, multiview)
             )
 
     def embed_time(self, t):
@@ -376,9 +289,10 @@ class UNet(nn.Module):
         if frames > 1:
             # every frame sees its video's text
             tokens, pooled, pad = (z.repeat_interleave(frames, 0) for z in (tokens, pooled, pad))
-        e = self.time(self.embed_time(t)) + self.text_proj(pooled)  # (B*F, emb)
+        e = self.time(self.embed_time(t)) + self.text_proj(pooled)  # (B*V, emb)
         h = self.conv_in(x)
-        skips, k = [], 0
+        skips = []
+        k = 0  # the next temporal layer
         for role, block in zip(self.roles, self.blocks):
             if role == "pool":
                 h = block(h)
@@ -386,10 +300,10 @@ class UNet(nn.Module):
             if role == "upsample":
                 h = block(F.interpolate(h, scale_factor=2.0, mode="nearest"))
                 continue
-            if role == "up" and isinstance(block, ResBlock):
+            if role == "up":
                 h = torch.cat([h, skips.pop()], 1)
             h = block(h, e, (tokens, pad))
-            if role == "down" and isinstance(block, ResBlock):
+            if role == "down":
                 skips.append(h)
             if self.temporal is not None and frames > 1:
                 h = self.temporal[k](h, frames)
@@ -403,7 +317,8 @@ def load_unet(path, kind, hint, frames=0, mv_attn_res=()):
     tensors, conf, meta = load_checkpoint(path, kind, hint)
     config = UNetConfig(**conf)
     if frames and not config.frames:
-        config.frames, config.mv_attn_res = frames, tuple(mv_attn_res)
+        config.frames = frames
+        config.mv_attn_res = tuple(mv_attn_res)
     unet = UNet(config)
     if frames and not conf["frames"]:
         tensors |= {k: v for k, v in unet.state_dict().items() if k.startswith("temporal.")}
@@ -411,15 +326,17 @@ def load_unet(path, kind, hint, frames=0, mv_attn_res=()):
     return unet, meta
 
 
-# ----------------------------------------------------------------------------- diffusion
+# ==================================================================================================
+# Part 3: diffusion
+# ==================================================================================================
 def alpha_sigma(t):
     """Cosine schedule (zero terminal SNR at t = 1): x_t = alpha x_0 + sigma eps."""
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
 
 
 def v_loss(unet, x0, ids, frames=1, clean_first=False, t_power=1.0):
-    """v-prediction MSE. x0 (B*F,3,H,W) in [-1,1]. With clean_first, frame 0 of each video is given
-    clean at t = 0 and only frames 1..F-1 are noised and scored (the image conditioning). Noise
+    """v-prediction MSE. x0 (B*V,3,H,W) in [-1,1]. With clean_first, frame 0 of each video is given
+    clean at t = 0 and only frames 1..V-1 are noised and scored (the image conditioning). Noise
     levels are t = u**t_power, u uniform: t_power < 1 spends more of the steps at high noise."""
     t = torch.rand(x0.shape[0], device=x0.device) ** t_power
     scored = torch.ones_like(t)
@@ -438,20 +355,19 @@ def guided_v(unet, x, t, ids, frames, guidance):
     """The UNet's v-prediction with classifier-free guidance: v_u + w (v_c - v_u); w = 1 is off."""
     if guidance == 1.0:
         return unet(x, t, ids, frames)
-    empty = torch.full_like(ids, PAD)
-    empty[:, 0] = START  # the empty caption: [START] only
-    v = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ids, empty]), frames)
+    v = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ids, empty_caption(ids)]), frames)
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
 @torch.no_grad()
 def sample(unet, ids, noise, first=None, *, steps=20, guidance=3.0, temperature=1.0):
-    """DDIM (eta = 0) with classifier-free guidance on the text. ids (B,L); noise (B,F,3,H,W) is
-    the starting noise of F frames; first (B,3,H,W) in [-1,1] is the clean input view for frame 0,
+    """DDIM (eta = 0) with classifier-free guidance on the text. ids (B,L); noise (B,V,3,H,W) is
+    the starting noise of V frames; first (B,3,H,W) in [-1,1] is the clean input view for frame 0,
     or None. temperature scales the starting noise: below 1 the sampler picks likelier, plainer
-    images. -> (B,F,3,H,W) in [-1,1]."""
-    B, frames, device = ids.shape[0], noise.shape[1], ids.device
+    images. -> (B,V,3,H,W) in [-1,1]."""
+    B, frames = noise.shape[:2]
+    device = ids.device
     x = noise.to(device) * temperature
     ts = torch.linspace(1, 0, steps + 1, device=device)
     for i in range(steps):
@@ -460,7 +376,8 @@ def sample(unet, ids, noise, first=None, *, steps=20, guidance=3.0, temperature=
             # frame 0 is the clean input view at noise level 0
             x[:, 0] = first
             t[:, 0] = 0.0
-        xin, tin = x.flatten(0, 1), t.flatten()
+        xin = x.flatten(0, 1)  # (B*V,3,H,W)
+        tin = t.flatten()
         v = guided_v(unet, xin, tin, ids, frames, guidance)
         a, s = (z[:, None, None, None] for z in alpha_sigma(tin))
         x0 = (a * xin - s * v).clamp(-1, 1)
@@ -473,7 +390,10 @@ def sample(unet, ids, noise, first=None, *, steps=20, guidance=3.0, temperature=
     return x
 
 
-# ----------------------------------------------------------------------------- the LRM (Sec. 3.2)
+# ==================================================================================================
+# Part 4: the LRM, from the image to the pixels
+# ==================================================================================================
+# -------------------------------------------------------------------------------- the source camera
 CANONICAL = render.orbit(1)[0][0]  # every source camera is moved here (the orbit's first view)
 
 
@@ -492,6 +412,7 @@ def canonicalise(c2w_src, c2w):
     return M[:, None] @ c2w, M
 
 
+# ----------------------------------------------------------------- encoder and triplane transformer
 def mlp(dim):
     """The transformer blocks' feed-forward part: dim -> 4 dim -> dim."""
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
@@ -510,7 +431,8 @@ class Block(nn.Module):
         self.mlp = mlp(dim)
 
     def forward(self, x):
-        x = x + self.attn_out(attend(*self.to_qkv(self.norm_attn(x)).chunk(3, -1), self.heads))
+        q, k, v = self.to_qkv(self.norm_attn(x)).chunk(3, dim=-1)  # (B,N,C) each
+        x = x + self.attn_out(attend(q, k, v, self.heads))
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -547,76 +469,14 @@ class TriplaneBlock(nn.Module):
         self.mlp = mlp(dim)
 
     def forward(self, x, image, cam):
-        q = self.to_q(self.norm_cross(x, cam))
-        x = x + self.cross_out(attend(q, *self.to_kv(image).chunk(2, -1), self.heads))
-        x = x + self.self_out(attend(*self.to_qkv(self.norm_self(x, cam)).chunk(3, -1), self.heads))
+        # the tokens read the image
+        q = self.to_q(self.norm_cross(x, cam))  # (B,N,C)
+        k, v = self.to_kv(image).chunk(2, dim=-1)  # (B,M,C) each
+        x = x + self.cross_out(attend(q, k, v, self.heads))
+        # the tokens read each other
+        q, k, v = self.to_qkv(self.norm_self(x, cam)).chunk(3, dim=-1)  # (B,N,C) each
+        x = x + self.self_out(attend(q, k, v, self.heads))
         return x + self.mlp(self.norm_mlp(x, cam))
-
-
-def plane_corners(pts, P):
-    """Where points (B,N,3) in [-1,1]^3 read P x P triplanes: on each of the xy, xz and yz planes
-    the 4 texels around the point's projection, with their bilinear weights -> rows (B*N,12) of
-    the texel table (object b's plane k fills rows (3b+k)P^2 to (3b+k+1)P^2, row-major), weights
-    (B*N,12), plane k in columns 4k..4k+3. grid_sample's convention (align_corners=False): texel
-    centres at (i+0.5)/P*2-1, zero outside; a plane's columns follow its first axis, rows the
-    second."""
-    B, N = pts.shape[:2]
-    uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 2)  # (B,N,3,2)
-    x = ((uv + 1) * P - 1) / 2  # in texels: (column, row)
-    low = x.floor()
-    frac = torch.stack([1 - (x - low), x - low])  # (2,B,N,3,2): weight of the low, high texel
-    low = low.int()  # int32 rows: the backward sorts them, and that is faster than int64
-    obj, plane = torch.arange(B, device=pts.device), torch.arange(3, device=pts.device)
-    first = ((obj[:, None, None] * 3 + plane) * P * P).int()  # (B,1,3): each plane's first row
-    rows, weights = [], []
-    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        col, row = low[..., 0] + dc, low[..., 1] + dr  # (B,N,3)
-        inside = (col >= 0) & (col < P) & (row >= 0) & (row < P)
-        rows.append(first + row.clamp(0, P - 1) * P + col.clamp(0, P - 1))
-        weights.append(frac[dc, ..., 0] * frac[dr, ..., 1] * inside)
-    return torch.stack(rows, -1).view(B * N, 12), torch.stack(weights, -1).view(B * N, 12)
-
-
-class TexelGather(torch.autograd.Function):
-    """out[i] = sum_j weights[i,j] * table[rows[i,j]]: bilinear sampling as a weighted gather of
-    texel rows (F.embedding_bag). The backward is the same gather turned around: each texel
-    collects the gradients of the points that read it, found by one sort, which is far cheaper
-    than scattering into the table. No gradient reaches the weights: the points are data here."""
-
-    @staticmethod
-    def forward(ctx, table, rows, weights):
-        ctx.save_for_backward(rows, weights)
-        ctx.texels = table.shape[0]
-        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, weights = ctx.saved_tensors
-        texel, order = rows.flatten().sort()
-        starts = torch.searchsorted(texel, torch.arange(ctx.texels, device=texel.device))
-        point = order // rows.shape[1]
-        reads = weights.flatten()[order]
-        g = F.embedding_bag(point, grad.contiguous(), starts, per_sample_weights=reads, mode="sum")
-        return g, None, None
-
-
-def plane_points(n, depths):
-    """Cell centres of the xy, xz and yz planes' n x n grids, moved by each offset along the plane's
-    normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate, as in
-    plane_corners."""
-    g = (torch.arange(n) + 0.5) / n * 2 - 1
-    v, u = torch.meshgrid(g, g, indexing="ij")
-    d = torch.tensor(depths, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, n)
-    u, v = u.expand_as(d), v.expand_as(d)
-    return torch.stack([torch.stack(p, -1) for p in ((u, v, d), (u, d, v), (d, u, v))])
-
-
-def plane_uv(n, depths):
-    """Where plane_points(n, depths) land in the canonical source view, as grid_sample
-    coordinates -> (1, 3*D*n*n, 1, 2)."""
-    K = render.intrinsics(render.FOV)
-    uv, _ = render.project(plane_points(n, depths).view(-1, 3), CANONICAL, K, 1)
-    return (uv * 2 - 1).clamp(-1, 1).view(1, -1, 1, 2)
 
 
 @dataclass
@@ -639,6 +499,26 @@ class LRMConfig:
 
 
 SKIP_DEPTHS = (-0.8, -0.4, 0.0, 0.4, 0.8)  # where the plane skip reads, along each plane's normal
+
+
+def plane_points(n, depths):
+    """Cell centres of the xy, xz and yz planes' n x n grids, moved by each offset along the plane's
+    normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate, as in
+    plane_corners."""
+    g = (torch.arange(n) + 0.5) / n * 2 - 1
+    v, u = torch.meshgrid(g, g, indexing="ij")
+    d = torch.tensor(depths, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, n)
+    u = u.expand_as(d)
+    v = v.expand_as(d)
+    return torch.stack([torch.stack(p, -1) for p in ((u, v, d), (u, d, v), (d, u, v))])
+
+
+def plane_uv(n, depths):
+    """Where plane_points(n, depths) land in the canonical source view, as grid_sample
+    coordinates -> (1, 3*D*n*n, 1, 2)."""
+    K = render.intrinsics(render.FOV)
+    uv, _ = render.project(plane_points(n, depths).view(-1, 3), CANONICAL, K, 1)
+    return (uv * 2 - 1).clamp(-1, 1).view(1, -1, 1, 2)
 
 
 class LRM(nn.Module):
@@ -688,7 +568,8 @@ class LRM(nn.Module):
         return planes if c2w is None else self.render(planes, c2w, K, res, crop, **render_args)
 
     def encode(self, img, cam):
-        B, P = img.shape[0], self.config.tokens
+        B = img.shape[0]
+        P = self.config.tokens
         img = img * 2 - 1  # (B,3,H,W) in [-1,1]
         x = self.patchify(img).flatten(2).transpose(1, 2)  # (B,N,enc_dim) patch tokens
         x = self.enc_norm(self.encoder(torch.cat([self.cls.expand(B, -1, -1), x], 1) + self.pos))
@@ -716,14 +597,25 @@ class LRM(nn.Module):
         s = F.grid_sample(f, self.plane_uv.expand(B, -1, -1, -1), align_corners=False)
         return s.view(B, f.shape[1], 3, -1, R, R).transpose(1, 2).reshape(B * 3, -1, R, R)
 
-    def field(self, planes, pts):
-        """planes (B,3,C,P,P), points (B,N,3) -> density (B,N) >= 0, colour (B,N,3). The decoder
-        reads the three planes' features at each point, concatenated (EG3D-style triplanes). Its
-        first layer is linear and so is bilinear sampling, so the two commute: the layer runs once
-        on each object's 3P^2 texels, not on every point, and each point sums the 12 texels it
-        reads (plane_corners). The same numbers for less than half the arithmetic."""
+    def field_plain(self, planes, pts):
+        """planes (B,3,C,P,P), points (B,N,3) -> density (B,N) >= 0, colour (B,N,3): the decoder
+        reads the three planes' features at each point (bilinear, zero outside the box),
+        concatenated (EG3D-style triplanes). field gives the same numbers faster."""
         B, N = pts.shape[:2]
-        C, P = planes.shape[2], planes.shape[-1]
+        uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 1)  # (B,3,N,2)
+        f = F.grid_sample(planes.flatten(0, 1), uv.flatten(0, 1)[:, None], align_corners=False)
+        out = self.decoder(f.view(B, -1, N).transpose(1, 2))  # (B,N,4)
+        density = self.config.density_scale * F.softplus(out[..., 0] - 1)
+        return density, torch.sigmoid(out[..., 1:])
+
+    def field(self, planes, pts):
+        """field_plain's numbers for less than half the arithmetic (the LRM's step 1.14x faster):
+        the decoder's first layer is linear and so is bilinear sampling, so the two commute. The
+        layer runs once on each object's 3P^2 texels, not on every point, and each point sums the
+        12 texels it reads (plane_corners, TexelGather)."""
+        B, N = pts.shape[:2]
+        C = planes.shape[2]
+        P = planes.shape[-1]
         first = self.decoder[0]
         w = first.weight.view(-1, 3, C)  # (H,3,C): the part of the first layer each plane feeds
         table = torch.einsum("bkcyx,hkc->bkyxh", planes, w).reshape(-1, w.shape[0])  # (B*3P^2,H)
@@ -735,10 +627,8 @@ class LRM(nn.Module):
 
     def render(self, planes, c2w, K, res, crop=None, samples=(16, 16), stratified=True):
         """Render cameras c2w (B,V,4,4), K (B,V,3,3) at res x res (or a crop (top, left, size) of
-        it) with samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w).
-        Where one render goes: render.camera_rays makes the rays; render.volume_render (called by
-        render_rays) places the samples along them and composites; it calls back field(), which
-        gathers the planes' texels (plane_corners) and decodes density and colour (LRM.field)."""
+        it) with samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w):
+        the rays (render.camera_rays), then render_rays."""
         B, V = c2w.shape[:2]
         if V > 1 and not torch.is_grad_enabled():
             # without gradients, a view at a time: the field's activations stay in the CPU's cache
@@ -762,8 +652,9 @@ class LRM(nn.Module):
             return sigma.view(p.shape[:2]), rgb.reshape(*p.shape[:2], 3)
 
         n_coarse, n_fine = samples
-        o, d = o.reshape(-1, 3), d.reshape(-1, 3)
-        rgb, acc, _ = render.volume_render(field, o, d, n_coarse, n_fine, stratified)
+        rgb, acc, _ = volume_render(
+            field, o.reshape(-1, 3), d.reshape(-1, 3), n_coarse, n_fine, stratified
+        )
         return rgb.view(B, -1, 3), acc.view(B, -1)
 
 
@@ -775,15 +666,138 @@ def load_lrm(path, hint):
     return lrm.eval(), meta
 
 
+# ------------------------------------------------------------------------------- reading the planes
+def plane_corners(pts, P):
+    """Where points (B,N,3) in [-1,1]^3 read P x P triplanes: on each of the xy, xz and yz planes
+    the 4 texels around the point's projection, with their bilinear weights -> rows (B*N,12) of
+    the texel table (object b's plane k fills rows (3b+k)P^2 to (3b+k+1)P^2, row-major), weights
+    (B*N,12), plane k in columns 4k..4k+3. grid_sample's convention (align_corners=False): texel
+    centres at (i+0.5)/P*2-1, zero outside; a plane's columns follow its first axis, rows the
+    second."""
+    B, N = pts.shape[:2]
+    uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 2)  # (B,N,3,2)
+    x = ((uv + 1) * P - 1) / 2  # in texels: (column, row)
+    low = x.floor()
+    frac = torch.stack([1 - (x - low), x - low])  # (2,B,N,3,2): weight of the low, high texel
+    low = low.int()  # int32 rows: the backward sorts them, and that is faster than int64
+    obj = torch.arange(B, device=pts.device)[:, None, None]
+    plane = torch.arange(3, device=pts.device)
+    first = ((obj * 3 + plane) * P * P).int()  # (B,1,3): each plane's first row
+    rows = []
+    weights = []
+    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        col = low[..., 0] + dc  # (B,N,3)
+        row = low[..., 1] + dr
+        inside = (col >= 0) & (col < P) & (row >= 0) & (row < P)
+        rows.append(first + row.clamp(0, P - 1) * P + col.clamp(0, P - 1))
+        weights.append(frac[dc, ..., 0] * frac[dr, ..., 1] * inside)
+    return torch.stack(rows, -1).view(B * N, 12), torch.stack(weights, -1).view(B * N, 12)
+
+
+class TexelGather(torch.autograd.Function):
+    """out[i] = sum_j weights[i,j] * table[rows[i,j]]: bilinear sampling as a weighted gather of
+    texel rows (F.embedding_bag). The backward is the same gather turned around: each texel
+    collects the gradients of the points that read it, found by one sort, which is far cheaper
+    than scattering into the table. No gradient reaches the weights: the points are data here."""
+
+    @staticmethod
+    def forward(ctx, table, rows, weights):
+        ctx.save_for_backward(rows, weights)
+        ctx.texels = table.shape[0]
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weights = ctx.saved_tensors
+        texel, order = rows.flatten().sort()
+        starts = torch.searchsorted(texel, torch.arange(ctx.texels, device=texel.device))
+        point = order // rows.shape[1]
+        reads = weights.flatten()[order]
+        g = F.embedding_bag(point, grad.contiguous(), starts, per_sample_weights=reads, mode="sum")
+        return g, None, None
+
+
+# --------------------------------------------------------------------------------- volume rendering
+def ray_box(o, d, bound=1.0):
+    """Entry and exit distances of rays (R,3) through the box [-bound,bound]^3, and a hit mask."""
+    inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+    t0 = (-bound - o) * inv  # where each ray crosses each face's plane
+    t1 = (bound - o) * inv
+    near = torch.minimum(t0, t1).max(-1).values.clamp(min=0)
+    far = torch.maximum(t0, t1).min(-1).values
+    return near, far, far > near + 1e-6
+
+
+def composite_samples(sigma, rgb, t, far):
+    """Alpha compositing on white (NeRF quadrature): sigma (R,S), rgb (R,S,3), sorted t (R,S)."""
+    delta = torch.diff(torch.cat([t, far[:, None]], -1), dim=-1).clamp(min=0)
+    tau = sigma * delta
+    trans = torch.exp(-torch.cumsum(torch.cat([torch.zeros_like(tau[:, :1]), tau[:, :-1]], -1), -1))
+    w = (1 - torch.exp(-tau)) * trans  # (R,S)
+    acc = w.sum(-1)
+    colour = (w[..., None] * rgb).sum(1) + (1 - acc[:, None])
+    depth = (w * t).sum(-1) / acc.clamp(min=1e-6)
+    return colour, acc, depth, w
+
+
+def bin_offsets(n_rays, n, stratified):
+    """Where each of n samples per ray sits in its bin: uniform at random, or the middle."""
+    return torch.rand(n_rays, n) if stratified else torch.full((n_rays, n), 0.5)
+
+
+def sample_pdf(w, bins, n, stratified):
+    """n importance samples per ray where the coarse weights w (R,S) are, in bins whose edges are
+    bins (R,S+1): the inverse of the weights' CDF at n evenly spread (jittered) quantiles."""
+    cum = torch.cumsum(w / w.sum(-1, keepdim=True), -1)
+    cdf = torch.cat([torch.zeros_like(w[:, :1]), cum], -1)  # (R,S+1)
+    q = (torch.arange(n) + bin_offsets(len(w), n, stratified)) / n  # (R,n)
+    k = torch.searchsorted(cdf, q.contiguous(), right=True).clamp(1, w.shape[1])  # each q's bin
+    lo = cdf.gather(1, k - 1)
+    hi = cdf.gather(1, k)
+    frac = ((q - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1)  # where q lies in its bin
+    start = bins.gather(1, k - 1)
+    return start + frac * (bins.gather(1, k) - start)  # (R,n)
+
+
+def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
+    """Render rays o, d (R,3) through field(points (R,S,3)) -> (density (R,S) >= 0, colour (R,S,3)).
+    Stratified coarse samples in the box place n_fine importance samples (inverse CDF of the coarse
+    weights); both sets are merged and composited on white. With n_fine > 0 the coarse pass runs
+    without gradient: it only finds the surface, and the fine samples carry the learning signal.
+    -> rgb (R,3), opacity (R,), depth (R,)."""
+    near, far, valid = ray_box(o, d)
+    far = torch.where(valid, far, near + 1e-3)
+    edges = torch.linspace(0, 1, n_coarse + 1)
+    u = bin_offsets(len(o), n_coarse, stratified)
+    t = near[:, None] + (far - near)[:, None] * (edges[:-1] + u / n_coarse)  # (R,Sc)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and n_fine == 0):
+        sigma, rgb = field(o[:, None] + t[..., None] * d[:, None])
+    if n_fine > 0:
+        with torch.no_grad():
+            w = composite_samples(sigma * valid[:, None], rgb, t, far)[3] + 1e-4
+            bins = near[:, None] + (far - near)[:, None] * edges  # (R,Sc+1)
+            t_fine = sample_pdf(w, bins, n_fine, stratified)  # (R,Sf)
+        s2, c2 = field(o[:, None] + t_fine[..., None] * d[:, None])
+        t, order = torch.cat([t, t_fine], -1).sort(-1)
+        sigma = torch.cat([sigma, s2], -1).gather(1, order)
+        rgb = torch.cat([rgb, c2], 1).gather(1, order[..., None].expand(-1, -1, 3))
+    colour, acc, depth, _ = composite_samples(sigma * valid[:, None], rgb, t, far)
+    return colour, acc, depth
+
+
+# ------------------------------------------------------------------------ meshes and the image loss
 @torch.no_grad()
 def lrm_mesh(lrm, planes, res, level, coarse=1):
     """Marching cubes of one object's density (planes (3,C,P,P)) at `level` -> v, faces, colours;
-    coarse > 1 reads the grid coarse to fine (render.extract_mesh)."""
+    coarse > 1 reads the grid coarse to fine (render.extract_mesh_coarse)."""
 
     def density(p):
         return lrm.field(planes[None], p[None].to(planes.device))[0][0].float().cpu()
 
-    v, f = render.extract_mesh(density, res, level, coarse=coarse)
+    if coarse > 1:
+        v, f = render.extract_mesh_coarse(density, res, level, coarse)
+    else:
+        v, f = render.extract_mesh(density, res, level)
     if len(v) == 0:
         return v, f, torch.zeros(0, 3)
     rgb = lrm.field(planes[None], v[None].to(planes.device))[1][0].float().cpu()
@@ -792,12 +806,14 @@ def lrm_mesh(lrm, planes, res, level, coarse=1):
 
 def ssim_loss(x, y, window=7):
     """1 - SSIM with a uniform window, differentiable: the image-level loss (LPIPS stand-in)."""
-    C1, C2 = 0.01**2, 0.03**2
+    C1 = 0.01**2
+    C2 = 0.03**2
 
     def pool(z):
         return F.avg_pool2d(z, window, 1, window // 2, count_include_pad=False)
 
-    mx, my = pool(x), pool(y)
+    mx = pool(x)
+    my = pool(y)
     vx = pool(x * x) - mx * mx
     vy = pool(y * y) - my * my
     cov = pool(x * y) - mx * my
@@ -805,7 +821,9 @@ def ssim_loss(x, y, window=7):
     return 1 - s.mean()
 
 
-# ----------------------------------------------------------------------------- the classifier
+# ==================================================================================================
+# Part 5: the classifier
+# ==================================================================================================
 @dataclass
 class ClassifierConfig:
     res: int  # the views it was trained on, pixels (others are resized to it)
@@ -842,14 +860,11 @@ class Classifier(nn.Module):
 def find_classifier(out, preset):
     """Stage 1's classifier (out/1_video), else the shipped one of this preset and world, else
     None: the scores that need it are left out."""
-    own = Path(out) / "1_video/classifier.safetensors"
-    shipped = Path(f"weights/classifier_{preset}.safetensors")
-    if own.is_file():
-        return load_classifier(own)
-    if shipped.is_file():
-        version = render.load_tensors(shipped)[1].get("world_version")
-        return load_classifier(shipped) if version == str(render.WORLD_VERSION) else None
-    return None
+    path = find_weights(out, preset, "classifier")
+    if not path.is_file():
+        return None
+    version = render.load_tensors(path)[1].get("world_version")
+    return load_classifier(path) if version == str(render.WORLD_VERSION) else None
 
 
 def load_classifier(path):
@@ -879,7 +894,9 @@ def judge_views(clf, views, captions):
     return {k: round(hit.float().mean().item(), 4) for k, hit in hits.items()}
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ==================================================================================================
+# Part 6: evaluation
+# ==================================================================================================
 def object_colour(img):
     """Mean colour of an image's object pixels (not near-white), (3,H,W) -> (3,); white if none."""
     m = render.object_mask(img)
@@ -902,12 +919,45 @@ def view_metrics(pred, true):
     """PSNR, SSIM (scikit-image) and colour error of images (N,3,H,W) in [0,1], averaged over N."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    p, t = pred.clamp(0, 1).double().numpy(), true.clamp(0, 1).double().numpy()
+    p = pred.clamp(0, 1).double().numpy()
+    t = true.clamp(0, 1).double().numpy()
     psnr = [peak_signal_noise_ratio(b, a, data_range=1.0) for a, b in zip(p, t)]
     ssim = [structural_similarity(b, a, data_range=1.0, channel_axis=0) for a, b in zip(p, t)]
     col = [(object_colour(a) - object_colour(b)).abs().mean().item() for a, b in zip(pred, true)]
     psnr = float(np.mean(np.minimum(psnr, 60)))  # identical images would score infinity
     return dict(psnr=psnr, ssim=float(np.mean(ssim)), color_err=float(np.mean(col)))
+
+
+def chamfer_fscore(pred, gt, tau=0.05):
+    """Chamfer-L1 (mean of the two directed mean distances) and F-score at tau,
+    points (N,3), (M,3)."""
+
+    def nearest_distances(a, b):
+        """For each point of a, the distance to the nearest point of b, 2048 rows at a time."""
+        exact = "donot_use_mm_for_euclid_dist"  # the matrix-product shortcut is imprecise near 0
+        return torch.cat(
+            [torch.cdist(x, b, compute_mode=exact).min(1).values for x in a.split(2048)]
+        )
+
+    d_pg = nearest_distances(pred, gt)
+    d_gp = nearest_distances(gt, pred)
+    prec = (d_pg < tau).float().mean().item()  # the predicted points near the truth
+    rec = (d_gp < tau).float().mean().item()  # the true points the prediction reaches
+    return (d_pg.mean().item() + d_gp.mean().item()) / 2, 2 * prec * rec / max(prec + rec, 1e-8)
+
+
+def orbit_rows(name, gen, true, clf=None, captions=None):
+    """Generated orbits gen (N,V,3,H,W) in [0,1] against the true ones: PSNR, SSIM, colour error
+    (and with a classifier the category and colour accuracy) over views 1..V-1 as row `name`, and
+    over the far views alone (render.far_views) as row name + "_far" -> rows."""
+    views = true.shape[1]
+    rows = {}
+    for suffix, ks in (("", list(range(1, views))), ("_far", render.far_views(views))):
+        m = view_metrics(gen[:, ks].flatten(0, 1), true[:, ks].flatten(0, 1))
+        rows[name + suffix] = {k: round(x, 4) for k, x in m.items()}
+        if clf is not None:
+            rows[name + suffix] |= judge_views(clf, gen[:, ks], captions)
+    return rows
 
 
 @torch.no_grad()
@@ -931,7 +981,7 @@ def evaluate_object(lrm, folder, device, mesh_res, level):
 
 @torch.no_grad()
 def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0, clf=None):
-    """DESIGN.md's held-out evaluation: input = view 0; PSNR/SSIM/colour of the other views,
+    """The held-out evaluation of an LRM: input = view 0; PSNR/SSIM/colour of the other views,
     Chamfer-L1 and F-score (tau 0.05) of the mesh against the true surface, and with a classifier
     clf the views' category_acc and color_acc; with the baselines "copy the input view" and "a
     sphere of radius 0.5", over all folders and the seen and unseen categories apart
@@ -939,8 +989,8 @@ def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0, clf=None):
     gen = torch.Generator().manual_seed(0)
     ball = F.normalize(torch.randn(10000, 3, generator=gen), dim=-1) * 0.5  # sphere of radius 0.5
     obs = [evaluate_object(lrm, folder, device, mesh_res, level) for folder in folders]
-    geo = {"lrm": [render.chamfer_fscore(ob["points"], ob["surface"]) for ob in obs]}
-    geo["sphere"] = [render.chamfer_fscore(ball, ob["surface"]) for ob in obs]
+    geo = {"lrm": [chamfer_fscore(ob["points"], ob["surface"]) for ob in obs]}
+    geo["sphere"] = [chamfer_fscore(ball, ob["surface"]) for ob in obs]
 
     def score(idx):
         """The rows over the objects idx."""
@@ -962,3 +1012,143 @@ def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0, clf=None):
         return {name: {k: round(x, 4) for k, x in r.items()} for name, r in rows.items()}
 
     return render.rows_by_split(folders, score), torch.stack([ob["pred"] for ob in obs])
+
+
+# ==================================================================================================
+# Part 7: training utilities and checkpoints, which you need not read to follow the method
+# ==================================================================================================
+# ------------------------------------------------------------------------- device, seeds, processes
+def setup(cfg):
+    """Device, seed, DDP under torchrun -> (device, rank, world)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device in ("", "auto"):  # cuda, then mps, then the cpu
+        found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        cfg.device = next((name for name, ok in found.items() if ok), "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # an hour's patience: the other ranks wait at the end while rank 0 evaluates and writes
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
+    seed_all(cfg.seed)
+    keep_freed_memory()
+    return device, rank, world
+
+
+def teardown(world):
+    """Under torchrun, every rank waits for rank 0's last writes, then all leave together
+    (a gloo rank that destroys its group while another still works can abort at exit)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def keep_freed_memory():
+    """Let glibc keep freed memory, not unmap it: 2x the LRM's speed (docs/log.md)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every allocation from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed memory
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device, cpu=False):
+    """bf16 autocast on CUDA, and on the CPU if `cpu` (worth it only with native bf16)."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    on = kind == "cuda" or (cpu and device.type == "cpu")
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=on)
+
+
+SEED_STRIDE = 1_000_003  # seed * SEED_STRIDE + step: every step of every run draws its own numbers
+
+
+def step_seed(seed, step, rank=0, world=1):
+    """The RNG seed of one step on one rank: a resumed run repeats an uninterrupted one."""
+    return seed * SEED_STRIDE + step * world + rank
+
+
+# ------------------------------------------------------------------------------------ the optimiser
+def learning_rate(step, steps, peak, warmup):
+    """Linear warm-up over `warmup` steps, then a cosine from `peak` to 10% of it at `steps`."""
+    return peak * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
+
+
+def set_learning_rate(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def adam_state(opt):
+    """AdamW's moments as flat tensors for a safetensors file: m<i>, v<i> per parameter index."""
+    state = opt.state_dict()["state"]
+    moments = {f"m{i}": s["exp_avg"] for i, s in state.items()}
+    return moments | {f"v{i}": s["exp_avg_sq"] for i, s in state.items()}
+
+
+def restore_adam_state(opt, tensors, step):
+    """The inverse of adam_state: load the moments saved at `step` back into `opt`."""
+    n = sum(len(group["params"]) for group in opt.param_groups)
+    state = {}
+    for i in range(n):
+        if f"m{i}" in tensors:
+            moments = {"exp_avg": tensors[f"m{i}"], "exp_avg_sq": tensors[f"v{i}"]}
+            state[i] = {"step": torch.tensor(float(step))} | moments
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, tensors, kind, config, **extra):
+    """Tensors + JSON metadata (kind = which stage's model, config = how to rebuild it)."""
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    meta = {"kind": kind, "config": json.dumps(config), "world_version": str(render.WORLD_VERSION)}
+    meta.update({k: json.dumps(v) for k, v in extra.items()})
+    render.save_tensors(path, tensors, meta)
+
+
+def load_checkpoint(path, kind, hint):
+    """-> (tensors, config dict, metadata). A checkpoint of another kind is a one-line DataError."""
+    if not os.path.isfile(path):
+        raise render.DataError(f"{path}: checkpoint missing; run `{hint}` first")
+    tensors, meta = render.load_tensors(path)
+    found = meta.get("kind", "unknown")
+    if found != kind:
+        raise render.DataError(
+            f"{path}: is a {found!r} checkpoint, expected {kind!r}; "
+            f"pass the right file or run `{hint}`"
+        )
+    if meta.get("world_version") != str(render.WORLD_VERSION):
+        raise render.DataError(
+            f"{path}: made for world v{meta.get('world_version')}, "
+            f"this code is v{render.WORLD_VERSION}; run `{hint}` again"
+        )
+    return tensors, json.loads(meta["config"]), meta
+
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"  # the shipped models
+
+
+def find_weights(out, preset, name):
+    """A stage-1 model by name: <out>/1_video/<name>.safetensors where stage 1 made one, else the
+    one shipped in weights/ for the preset (which may not exist either)."""
+    own = Path(out) / "1_video" / f"{name}.safetensors"
+    return own if own.is_file() else WEIGHTS / f"{name}_{preset}.safetensors"
+
+
+def load_weights(module, tensors, path, prefix=""):
+    """Copy tensors into module; mismatched names or shapes are a one-line DataError."""
+    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(own)
+    except RuntimeError as e:
+        first = (str(e).split("\n")[1:] or [str(e)[:200]])[0].strip()  # the first mismatch
+        raise render.DataError(
+            f"{path}: does not fit this model ({first}); was it made with another config?"
+        ) from None

@@ -128,12 +128,7 @@ def check_data(folder, preset, hint, required):
     found = [c for c in (folder, folder.parent.parent) if (c / "meta.json").is_file()]
     if not found and not required:
         return
-    meta = render.read_meta(found[0] if found else folder, hint)
-    if meta.get("preset") != preset:
-        raise render.DataError(
-            f"{folder}: was made with preset {meta.get('preset')}, not {preset}; "
-            f"rerun `{hint} --preset {preset}`"
-        )
+    render.read_stage(found[0] if found else folder, preset, hint)
 
 
 def load_set(folder, res, hint, limit=None, dirs=None):

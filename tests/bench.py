@@ -97,7 +97,7 @@ def reference_render(lrm, planes, o, d, n_samples):
     """A plain volume renderer, as tutorials write it: per ray batch, a Python loop over evenly
     spaced samples in the box; at each, one grid_sample per plane, the decoder, and the running
     transmittance. planes (1,3,C,P,P), rays o, d (R,3) -> colour (R,3) on white, opacity (R,)."""
-    near, far, hit = render.ray_box(o, d)
+    near, far, hit = model.ray_box(o, d)
     step = (far - near) / n_samples
     colour, trans = torch.zeros(len(o), 3), torch.ones(len(o))
     for i in range(n_samples):

@@ -160,4 +160,4 @@ def test_eval_and_the_true_surface_against_itself(pipeline):
     assert {"lrm", "sphere", "copy_input"} <= set(rows) and "chamfer_l1" in rows["lrm"]
     assert "lrm" in p.stdout
     surf, _ = render.load_tensors(pipeline / "0_data/assets/test_seen/00000/surface.safetensors")
-    assert render.chamfer_fscore(surf["points"], surf["points"]) == (0.0, 1.0)
+    assert model.chamfer_fscore(surf["points"], surf["points"]) == (0.0, 1.0)

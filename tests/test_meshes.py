@@ -10,6 +10,7 @@ import pytest
 import torch
 from skimage.measure import marching_cubes as skimage_marching_cubes
 
+import model
 import render
 from conftest import one_line_error, run_script
 
@@ -63,7 +64,7 @@ def test_marching_cubes_agrees_with_scikit_image(name):
     s_area, s_volume = area_and_volume(sv, sf)
     assert abs(area - s_area) < 0.01 * s_area
     assert abs(abs(volume) - abs(s_volume)) < 0.01 * abs(s_volume) and volume > 0
-    chamfer, _ = render.chamfer_fscore(v, sv)  # in voxels
+    chamfer, _ = model.chamfer_fscore(v, sv)  # in voxels
     assert chamfer < 0.1
     assert is_watertight(f)
 
@@ -90,7 +91,7 @@ def test_coarse_to_fine_extraction_finds_the_same_surface():
     v, f = render.extract_mesh(density, 48, 0.0)
     full = sum(calls)
     calls.clear()
-    cv, cf = render.extract_mesh(density, 48, 0.0, coarse=2)
+    cv, cf = render.extract_mesh_coarse(density, 48, 0.0, 2)
     assert sum(calls) < full / 2
     assert torch.allclose(cv, v, atol=1e-6) and torch.equal(cf, f)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import model
 import render
 from conftest import one_line_error, run_script
 
@@ -87,13 +88,13 @@ def test_volume_rendering_of_a_constant_slab(sigma):
 
     o = torch.tensor([[0.1, -0.2, 3.0]]).repeat(64, 1)
     d = torch.tensor([[0.0, 0.0, -1.0]]).repeat(64, 1)
-    rgb, acc, depth = render.volume_render(field, o, d, n_coarse=256, n_fine=128)
+    rgb, acc, depth = model.volume_render(field, o, d, n_coarse=256, n_fine=128)
     expect = 1 - math.exp(-sigma * 1.0)
     assert torch.allclose(acc, torch.full_like(acc, expect), atol=0.015)
     assert torch.allclose(rgb, colour * acc[:, None] + 1 - acc[:, None], atol=1e-5)
     assert ((depth > 2.5 - 0.02) & (depth < 3.5 + 0.02)).all()
     o_miss = torch.tensor([[3.0, 3.0, 3.0]])
-    rgb, acc, _ = render.volume_render(field, o_miss, torch.tensor([[0.0, 0.0, 1.0]]), 16, 16)
+    rgb, acc, _ = model.volume_render(field, o_miss, torch.tensor([[0.0, 0.0, 1.0]]), 16, 16)
     assert acc.item() == 0 and torch.allclose(rgb, torch.ones(1, 3))
 
 
@@ -104,7 +105,7 @@ def test_volume_rendering_gradients_flow():
         return w * torch.ones(p.shape[:-1]), torch.full((*p.shape[:-1], 3), 0.5)
 
     o, d = torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, -1.0]])
-    _, acc, _ = render.volume_render(field, o, d, 32, 32)
+    _, acc, _ = model.volume_render(field, o, d, 32, 32)
     acc.sum().backward()
     assert w.grad is not None and w.grad.item() > 0
 
@@ -165,8 +166,8 @@ def test_obj_and_ply_round_trip(tmp_path):
 
 def test_chamfer_and_fscore():
     pts = torch.rand(500, 3)
-    assert render.chamfer_fscore(pts, pts) == (0.0, 1.0)
-    cd, fs = render.chamfer_fscore(pts, pts + torch.tensor([0.1, 0, 0]), tau=0.05)
+    assert model.chamfer_fscore(pts, pts) == (0.0, 1.0)
+    cd, fs = model.chamfer_fscore(pts, pts + torch.tensor([0.1, 0, 0]), tau=0.05)
     assert 0 < cd <= 0.1 + 1e-6 and fs < 1
 
 
@@ -300,6 +301,47 @@ def test_micro_dataset_follows_the_folder_contract(micro):
     assert test_caps and (root / "preview.png").is_file()
 
 
+def test_web_clips_are_videos_not_3d_assets(micro):
+    """A clip holds frames and a caption, never a camera or a surface, and no test object."""
+    root = micro / "0_data"
+    cfg = render.Config(**render.PRESETS["micro"])
+    clips = sorted(p for p in (root / "videos").iterdir() if p.is_dir())
+    assert len(clips) == cfg.n_videos and (root / "videos.png").is_file()
+    frames = [f"{k:03d}.png" for k in range(cfg.views)]
+    for clip in clips:
+        assert sorted(f.name for f in clip.iterdir()) == [*frames, "prompt.txt"]
+        assert render.caption_labels((clip / "prompt.txt").read_text())[0] >= 0
+    assert not list((root / "videos").rglob("*.safetensors")), "videos come without cameras"
+    # no test object: the clips' seeds are their own, and no frame is a test asset's view
+    tests = [p for s in ("test_seen", "test_unseen") for p in (root / "assets" / s).iterdir()]
+    held_out = {render.object_seed(cfg, p.parent.name, int(p.name)) for p in tests}
+    mine = {render.object_seed(cfg, "videos", i) for i in range(cfg.n_videos)}
+    assert mine and not mine & held_out
+    views = torch.stack([render.load_object(p)["images"] for p in tests]).flatten(0, 1)
+    for clip in clips:
+        seen = render.load_object(clip, cameras=False)["images"]  # (V,3,H,W)
+        gap = (seen[:, None] - views[None]).abs().flatten(2).mean(-1)  # (V, tests' views)
+        assert gap.min() > 0.01
+
+
+def test_clip_cameras_follow_no_orbit():
+    """Elevation drifts, azimuth steps unevenly over less than a turn, the distance changes."""
+    for seed in range(20):
+        c2w, K = render.clip_cameras(seed, 8)
+        eye = c2w[:, :3, 3]
+        radius = eye.norm(dim=-1)
+        elevation = torch.rad2deg(torch.asin(eye[:, 2] / radius))
+        azimuth = torch.rad2deg(torch.atan2(eye[:, 1], eye[:, 0]))
+        steps = (azimuth.diff() + 180) % 360 - 180  # degrees turned between frames
+        assert elevation.max() - elevation.min() > 0.5
+        assert radius.max() - radius.min() > 0.01 or not torch.allclose(K[0], K[-1]), "framing"
+        assert steps.abs().sum() < 355 and steps.abs().max() - steps.abs().min() > 1
+        assert (steps > 0).all() or (steps < 0).all(), "one way round"
+        # the camera still looks at the object: the origin projects inside every frame
+        uv, depth = render.project(torch.zeros(1, 3), c2w[0], K[0], 1)
+        assert (0 < uv).all() and (uv < 1).all() and depth > 0
+
+
 def test_same_seed_same_bytes_and_rerun_completes(tmp_path, micro):
     run_script("render.py", "--preset", "micro", "--out", tmp_path)
     a, b = micro / "0_data", tmp_path / "0_data"
@@ -320,8 +362,8 @@ def test_same_seed_same_bytes_and_rerun_completes(tmp_path, micro):
         for f, t in keep.items()
         if (b / f).stat().st_mtime_ns != t and not str(f).startswith("assets/train/00001")
     ]
-    # the two sheets are drawn again (the same bytes) when anything was rendered; nothing else
-    assert set(changed) <= {"preview.png", "categories.png"}, changed
+    # the sheets are drawn again (the same bytes) when anything was rendered; nothing else
+    assert set(changed) <= {"preview.png", "categories.png", "videos.png"}, changed
 
 
 def test_bad_inputs_get_one_line_errors(tmp_path, micro):

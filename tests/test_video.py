@@ -86,30 +86,66 @@ def stage1(micro1):
 def test_micro_stage1_runs_all_three_phases(stage1):
     micro, p = stage1
     out = micro / "1_video"
-    files = "image_model.safetensors video_model.safetensors eval_grid.png eval.gif metrics.json"
+    files = "image_model.safetensors pretrained_video.safetensors video_model.safetensors"
+    files += " eval_grid.png eval.gif metrics.json"
     for f in files.split() + ["meta.json"]:
         assert (out / f).is_file(), f
     rows = json.loads((out / "metrics.json").read_text())["rows"]
-    for r in ("video_model", "image_model_per_frame", "copy_input", "white"):
+    for r in ("video_model", "pretrained_video", "image_model_per_frame", "copy_input", "white"):
         assert {"psnr", "ssim"} <= set(rows[r]) and {"psnr", "ssim"} <= set(rows[r + "_far"])
     assert "caption_faithfulness" in rows["image_model_per_frame"]
     assert {"category_acc", "color_acc"} <= set(rows["video_model_far"])  # the classifier's
-    phases = ["image", "classifier", "video", "eval"]  # no micro image model nor classifier ships
+    phases = ["image", "classifier", "pretrain", "video", "eval"]  # no micro model ships
     assert json.loads((out / "meta.json").read_text())["phases"] == phases
 
 
-def test_fine_tune_changes_only_temporal_tensors(stage1):
+def test_both_video_steps_change_only_temporal_tensors(stage1):
+    """The video prior (web clips) and the 3D fine-tune (orbits) train the temporal layers; every
+    spatial and text weight stays the image model's, byte for byte, through both."""
     micro, _ = stage1
     image, _ = render.load_tensors(micro / "1_video/image_model.safetensors")
+    prior, meta_prior = render.load_tensors(micro / "1_video/pretrained_video.safetensors")
     video, meta = render.load_tensors(micro / "1_video/video_model.safetensors")
-    assert meta["kind"] == "video_model"
-    # spatial and text tensors: byte-identical
+    assert meta_prior["kind"] == "pretrained_video" and meta["kind"] == "video_model"
+    assert json.loads(meta["start"]) == "pretrained_video"
+    assert {"held_out_loss", "held_out_loss_image_model", "clips"} <= set(meta_prior)
     for k, v in image.items():
+        assert v.dtype == prior[k].dtype and torch.equal(v, prior[k]), k
         assert v.dtype == video[k].dtype and torch.equal(v, video[k]), k
     temporal = [k for k in video if k.startswith("temporal.")]
     fresh = model.UNet(model.UNetConfig(**json.loads(meta["config"]))).state_dict()
     trained = [k for k in temporal if k.endswith("conv_out.weight")]
-    assert temporal and any(not torch.equal(video[k], fresh[k]) for k in trained)
+    assert temporal and any(not torch.equal(prior[k], fresh[k]) for k in trained)
+    assert any(not torch.equal(video[k], prior[k]) for k in trained)
+
+
+@pytest.mark.parametrize("start", ["prior", "image_model"])
+def test_stage1_starts_from_the_video_prior_or_the_image_model(tmp_path, stage1, start):
+    """At learning rate 0 phase video keeps its start: the prior's temporal layers, or with
+    --from_image_model zero output projections (the image model frame by frame)."""
+    micro, _ = stage1
+    (tmp_path / "0_data").symlink_to(micro / "0_data")
+    ours = micro / "1_video"
+    flags = ["--phase", "video", "--image_model", ours / "image_model.safetensors"]
+    flags += ["--pretrained", ours / "pretrained_video.safetensors", "--video_steps", "2"]
+    flags += ["--video_lr", "0", "--from_image_model", str(start == "image_model")]
+    run_script("finetune_video.py", "--preset", "micro", "--out", tmp_path, *flags)
+    video, _ = render.load_tensors(tmp_path / "1_video/video_model.safetensors")
+    prior, _ = render.load_tensors(ours / "pretrained_video.safetensors")
+    outs = [k for k in video if k.startswith("temporal.") and k.endswith("_out.weight")]
+    if start == "prior":
+        assert all(torch.equal(video[k], prior[k]) for k in video)
+    else:
+        assert outs and all((video[k] == 0).all() for k in outs)
+
+
+def test_the_video_prior_needs_web_clips(tmp_path, stage1):
+    micro, _ = stage1
+    root = tmp_path / "world"
+    run_script("render.py", "--preset", "micro", "--out", root, "--n_videos", "0")
+    flags = ["--phase", "pretrain", "--image_model", micro / "1_video/image_model.safetensors"]
+    p = run_script("finetune_video.py", "--preset", "micro", "--out", root, *flags, check=False)
+    assert one_line_error(p) and "--n_videos" in p.stderr
 
 
 def test_train_spatial_trains_the_spatial_weights_too(tmp_path, stage1):
