@@ -1,23 +1,29 @@
-"""Stage 1: the video diffusion model (VFusion3D Sec. 3.1).
+"""Stage 1: the video diffusion model, the heart of the data engine (VFusion3D Sec. 3.1).
 
-Phase image (the pretrained stand-in for EMU Video, shipped in weights/): a text-to-image UNet
-trained on out/0_data/images/ with their captions. Phase classifier (the stand-in for the paper's
-pretrained perception models, its DINO filter and CLIP scores; shipped too): a small CNN naming a
-view's category and main colour, trained on the same single views. Phase video (the paper's first
-step): insert zero-initialised temporal layers, freeze every spatial and text weight, and train
-only the temporal layers on the orbit videos of out/0_data/assets/train, with frame 0 given clean
-(the input view) and frames 1..V-1 denoised. Phase eval: orbits for the held-out assets against
-three baselines.
+The paper starts from EMU Video, an image model (Emu) whose spatial layers stayed frozen while
+new temporal layers learnt from 34M web videos, and fine-tunes only those temporal layers on
+orbit renders of 3D assets. The phases, in that order:
+- image: the stand-in for Emu, a text-to-image UNet on the single views (shipped in weights/);
+- classifier: the stand-in for the paper's perception models (its DINO filter, its CLIP scores),
+  a small CNN naming a view's category and main colour, trained on the same views (shipped);
+- pretrain: the video prior, EMU Video's step: zero-initialised temporal layers in the frozen
+  image model, trained on web clips (no cameras, no orbits) with frame 0 given clean (shipped);
+- video: the paper's step: those temporal layers fine-tuned on the real assets' orbits, every
+  other weight frozen, frame 0 given clean (the input view) and frames 1..V-1 denoised;
+- eval: orbits of held-out assets from their first view, beside the video prior before its
+  fine-tune, the image model frame by frame, a copy of the input view and white.
 
-Reads:  out/0_data/ (stage 0), weights/{image_model,classifier}_<preset>.safetensors (or their
-        phases' outputs)
-Writes: out/1_video/image_model.safetensors, classifier.safetensors (when trained here),
-        video_model.safetensors, samples/, eval_grid.png, eval.gif, metrics.json, meta.json
-        (and *_state.safetensors for --resume)
-Run:    python finetune_video.py     (tiny: video + eval from the shipped models, ~13 min, 2 cores)
-        python finetune_video.py --preset micro --out /tmp/run   (all four phases, seconds)
-        python finetune_video.py --phase image           (retrain the stand-in: an hour on a CPU)
-        python finetune_video.py --phase classifier      (retrain the classifier: minutes)
+Reads:  out/0_data/ (stage 0); weights/{image_model,classifier,pretrained_video}_<preset>
+        .safetensors, or those phases' outputs in out/1_video
+Writes: out/1_video/image_model.safetensors, video_model.safetensors (classifier,
+        pretrained_video when trained here), samples/, eval_grid.png, eval.gif, metrics.json,
+        meta.json (and *_state.safetensors for --resume)
+Run:    python finetune_video.py              (tiny: video + eval from the shipped models, 13 min)
+        python finetune_video.py --from_image_model   (the ablation: no video prior)
+        python finetune_video.py --preset micro --out /tmp/run   (all five phases, a minute)
+        python finetune_video.py --phase pretrain   (retrain the prior, 2 h; it needs web clips:
+                                                     python render.py --n_videos 6000)
+        python finetune_video.py --phase image      (retrain the stand-in for Emu: an hour)
         torchrun --nproc_per_node=4 finetune_video.py --preset small --device cuda
 """
 
@@ -29,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -40,7 +45,7 @@ import model
 import render
 
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
     preset: str = "tiny"  # micro | tiny | small | paper
@@ -61,16 +66,14 @@ class Config:
     image_lr: float = 5e-4  # peak learning rate
     image_ema: float = 0.999  # EMA decay of the weights
     # the video prior (phase pretrain, EMU Video's step): temporal layers on the web clips
-    pretrained: str = ""  # the video model to start from ("" = out/1_video's, else weights/)
+    pretrained: str = ""  # the video prior to start from ("" = out/1_video's, else weights/)
     pretrain_steps: int = 6000  # optimizer steps
     pretrain_batch: int = 8  # clips per step (global)
     pretrain_lr: float = 2e-3  # peak learning rate of the temporal layers
     pretrain_ema: float = 0.999  # EMA decay of the temporal weights
     pretrain_holdout: float = 0.05  # share of the clips (the last ones) kept out to validate on
     # the 3D fine-tune (phase video, Sec. 3.1): temporal layers on the real assets' orbits
-    from_image_model: bool = (
-        False  # start from the bare image model, not the video prior (ablation)
-    )
+    from_image_model: bool = False  # start from the bare image model, not the prior (ablation)
     video_steps: int = 1000  # optimizer steps
     video_batch: int = 4  # orbits per step (global)
     video_lr: float = 5e-3  # peak learning rate of the temporal layers
@@ -85,9 +88,9 @@ class Config:
     # sampling and evaluation
     sample_steps: int = 10  # DDIM steps when sampling
     guidance: float = 3.0  # classifier-free guidance on the text (image model: samples, baseline)
-    video_guidance: float = 1.0  # guidance of the video model (1 = off: frame 0 conditions it)
+    video_guidance: float = 1.0  # guidance of the video models (1 = off: frame 0 conditions them)
     temperature: float = 0.2  # scale of the orbit sampler's start noise (1 = DDIM; lower = plainer)
-    n_eval: int = 50  # held-out assets evaluated by phase eval
+    n_eval: int = 50  # held-out assets of each split evaluated by phase eval
     n_faithful: int = 96  # samples scored for caption faithfulness
     sample_every: int = 2000  # steps between sample grids in samples/
     # the category classifier (phase classifier), the stand-in for the paper's DINO and CLIP
@@ -115,8 +118,8 @@ PRESETS = {
     | dict(sample_steps=50, n_eval=1000),
 }
 HINT_IMAGE = "python finetune_video.py --phase image"
-HINT_VIDEO = "python finetune_video.py --phase video"
 HINT_PRETRAIN = "python finetune_video.py --phase pretrain"
+HINT_VIDEO = "python finetune_video.py --phase video"
 
 
 def ints(s):
@@ -124,7 +127,7 @@ def ints(s):
     return [int(v) for v in s.split(",") if v]
 
 
-# ----------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------------------------- data
 def load_images(data, res):
     """All single views and their captions -> images (N,3,H,W) in [-1,1], captions list."""
     path = data / "images/captions.txt"
@@ -137,26 +140,19 @@ def load_images(data, res):
     return imgs * 2 - 1, list(caps)
 
 
-def load_orbits(dirs, views, res, cameras=True):
+def load_videos(dirs, views, res, cameras=True):
     """Object folders (or web clips: cameras False) -> videos (N,V,3,H,W) in [-1,1], captions."""
-    if not dirs:
-        raise render.DataError(
-            "no object folders in out/0_data/assets; run `python render.py` first"
-        )
     bar = render.progress(dirs, desc="loading videos", leave=False)
     objs = [render.load_object(d, res, views, cameras) for d in bar]
     return torch.stack([o["images"] for o in objs]) * 2 - 1, [o["prompt"] for o in objs]
 
 
-def load_clips(data, views, res):
-    """The web clips of out/0_data/videos -> clips (N,V,3,H,W) in [-1,1], captions."""
-    dirs = sorted(p.parent for p in (data / "videos").glob("*/prompt.txt"))
-    if not dirs:
-        raise render.DataError(
-            f"{data / 'videos'}: no web clips; run `python render.py --n_videos 4000` first "
-            "(or pass --from_image_model to skip the video prior)"
-        )
-    return load_orbits(dirs, views, res, cameras=False)
+def folders(root, hint):
+    """The complete object folders (or clips) under root, or a one-line error naming `hint`."""
+    found = sorted(p.parent for p in Path(root).glob("*/prompt.txt"))
+    if not found:
+        raise render.DataError(f"{root}: no object folders; run `{hint}` first")
+    return found
 
 
 def batcher(data, ids, batch, frames, shift=False):
@@ -176,10 +172,10 @@ def batcher(data, ids, batch, frames, shift=False):
     return get
 
 
-# ----------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------------------- training
 @dataclass
 class Stage:
-    """Where stage 1 reads and writes, at what size, on which device and rank."""
+    """Where stage 1 reads and writes, at what size, on which device and rank, since when."""
 
     data: Path  # out/0_data
     out: Path  # out/1_video
@@ -188,6 +184,7 @@ class Stage:
     device: torch.device
     rank: int  # this process (0 logs and saves)
     world: int  # processes under torchrun
+    start: float  # time.time() when stage 1 began
 
 
 @dataclass
@@ -214,12 +211,12 @@ NOT_TRAINING = "device resume phase out sample_every ckpt_every n_eval n_faithfu
 NOT_TRAINING = (
     NOT_TRAINING + " sample_steps guidance video_guidance image_model pretrained"
 ).split()
-PHASES = ("image", "classifier", "pretrain", "video", "eval")
+PHASE_NAMES = ("image", "classifier", "pretrain", "video", "eval")
 
 
 def training_fields(cfg, phase):
     """The fields of cfg that a saved state of this phase must share."""
-    others = tuple(f"{p}_" for p in PHASES if p != phase)
+    others = tuple(f"{p}_" for p in PHASE_NAMES if p != phase)
     fields = dataclasses.asdict(cfg).items()
     return {k: v for k, v in fields if k not in NOT_TRAINING and not k.startswith(others)}
 
@@ -232,7 +229,7 @@ def resume(path, conf, run, opt, ema):
     )
     if saved != conf:
         raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
-    start = int(meta["step"])
+    start = model.saved_step(meta, path, run.steps)
     with torch.no_grad():
         for i, (p, e) in enumerate(zip(run.trainable, ema)):
             p.copy_(tensors[f"p{i}"])
@@ -243,79 +240,83 @@ def resume(path, conf, run, opt, ema):
     return start
 
 
-def optimise(cfg, net, run, opt, step, st):
-    """One AdamW step on the v-prediction loss -> the loss, the batch size. A share cfg_drop of
-    the captions becomes the empty caption [START] (classifier-free guidance learns from those)."""
-    x, ids = run.get_batch(step, st.rank, st.world)  # (B*V,3,H,W), (B,L)
-    empty = torch.full_like(ids, model.PAD)
-    empty[:, 0] = model.START
-    ids = torch.where(torch.rand(ids.shape[0])[:, None] < cfg.cfg_drop, empty, ids).to(st.device)
-    x = x.to(st.device).contiguous(memory_format=torch.channels_last)
-    with model.autocast(st.device):
-        loss = model.v_loss(net, x, ids, run.frames, run.frames > 1, run.t_power)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
-    opt.step()
-    return loss.item(), x.shape[0]
-
-
-def train(cfg, unet, run, st):
+def train(cfg, unet, run, stage):
     """AdamW + warm-up/cosine, EMA of the trainable weights, resumable from the run's state file.
     Every step reseeds the RNG from (seed, step, rank): a resumed run repeats an uninterrupted one.
     -> seconds trained."""
     opt = torch.optim.AdamW(run.trainable, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in run.trainable]
-    path = st.out / f"{run.name}_state.safetensors"
+    path = stage.out / f"{run.name}_state.safetensors"
     conf = training_fields(cfg, run.phase)
     start = resume(path, conf, run, opt, ema) if cfg.resume and path.is_file() else 0
-    net = torch.nn.parallel.DistributedDataParallel(unet) if st.world > 1 else unet
+    net = torch.nn.parallel.DistributedDataParallel(unet) if stage.world > 1 else unet
     steps = range(start, run.steps)
     bar = render.progress(steps, desc=f"phase {run.phase}", initial=start, total=run.steps)
-    bar.disable = st.rank != 0
+    bar.disable = stage.rank != 0
     avg = None
     t0 = time.time()
     for step in bar:
-        # one optimiser step on this rank's share of the global batch
-        model.seed_all(model.step_seed(cfg.seed, step, st.rank, st.world))
+        # one optimiser step on this rank's share of the global batch; a share cfg_drop of the
+        # captions becomes the empty caption, from which classifier-free guidance learns
+        model.seed_all(model.step_seed(cfg.seed, step, stage.rank, stage.world))
         model.set_learning_rate(opt, model.learning_rate(step, run.steps, run.lr, cfg.warmup))
-        loss, n = optimise(cfg, net, run, opt, step, st)
+        x, ids = run.get_batch(step, stage.rank, stage.world)  # (B*V,3,H,W), (B,L)
+        dropped = torch.rand(ids.shape[0])[:, None] < cfg.cfg_drop
+        ids = torch.where(dropped, model.empty_caption(ids), ids).to(stage.device)
+        x = x.to(stage.device).contiguous(memory_format=torch.channels_last)
+        with model.autocast(stage.device):
+            loss = model.v_loss(net, x, ids, run.frames, run.frames > 1, run.t_power)
+        model.check_finite(loss, step, path)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+        opt.step()
         with torch.no_grad():
             for p, e in zip(run.trainable, ema):
                 e.lerp_(p, 1 - run.ema)
 
-        # the bar shows a running mean of the loss
-        if avg is None:
-            avg = loss
-        else:
-            avg = 0.98 * avg + 0.02 * loss
-        img_s = f"{(step + 1 - start) * n * st.world / (time.time() - t0):.0f}"
-        bar.set_postfix(loss=f"{avg:.4f}", img_s=img_s, refresh=False)
+        # log a running mean of the loss on the bar
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        speed = (step + 1 - start) * x.shape[0] * stage.world / (time.time() - t0)
+        bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{speed:.0f}", refresh=False)
 
-        # once in a while: the resumable state, a sample grid
-        if st.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == run.steps):
+        # checkpoint: the weights, their EMA and AdamW's moments, every ckpt_every steps and last
+        if stage.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == run.steps):
             tensors = {f"p{i}": p for i, p in enumerate(run.trainable)} | model.adam_state(opt)
             tensors |= {f"ema{i}": e for i, e in enumerate(ema)}
             model.save_checkpoint(path, tensors, f"{run.name}_state", conf, step=step + 1)
-        if st.rank == 0 and (step + 1) % cfg.sample_every == 0:
+
+        # samples, every sample_every steps
+        if stage.rank == 0 and (step + 1) % cfg.sample_every == 0:
             run.on_sample(step + 1)
     # the EMA weights are the result
     with torch.no_grad():
         for p, e in zip(run.trainable, ema):
             p.copy_(e)
-    if st.world > 1:
+    if stage.world > 1:
         dist.barrier()
     return time.time() - t0
 
 
-# ----------------------------------------------------------------------------- evaluation
-def sample_orbits(cfg, net, ids, first, frames, guidance, seed):
-    """Orbits (B,F,3,H,W) from clean first views (B,3,H,W) and captions, from seed's noise."""
-    res = net.config.res
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(ids), frames, 3, res, res, generator=g)
+# ------------------------------------------------------------------------------------- evaluation
+def sample_orbits(cfg, net, captions, firsts, guidance, stage):
+    """Orbits (N,V,3,H,W) in [-1,1] from clean first views (N,3,H,W) and their captions, 16 at a
+    time: chunk k starts from the noise of seed + k, the same for every model."""
+    ids = net.text.tokenize(captions)[0]
+    shape = (stage.views, 3, stage.res, stage.res)
     how = dict(steps=cfg.sample_steps, guidance=guidance, temperature=cfg.temperature)
-    return model.sample(net, ids, noise, first, **how).cpu()
+    out = []
+    for k, (i, first) in enumerate(zip(ids.split(16), firsts.split(16))):
+        noise = torch.randn(len(i), *shape, generator=torch.Generator().manual_seed(cfg.seed + k))
+        out.append(model.sample(net, i.to(stage.device), noise, first.to(stage.device), **how))
+    return torch.cat(out).cpu()
+
+
+def sample_pairs(cfg, unet, videos, captions, stage):
+    """Videos drawn from the first frames of `videos` (N,V,3,H,W) and their captions, each beside
+    the true one -> rows (V,3,H,2W) in [0,1] for save_grid."""
+    g = sample_orbits(cfg, unet, captions, videos[:, 0], cfg.video_guidance, stage)
+    return [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, videos)]
 
 
 def save_grid(path, rows, scale=3):
@@ -339,77 +340,56 @@ def caption_faithfulness(cfg, unet, prompts, device, grid=None, clf=None):
     imgs = torch.cat(imgs)  # (N,3,H,W) in [0,1]
     if grid:
         save_grid(grid, [imgs[i : i + 8] for i in range(0, min(len(imgs), 32), 8)])
-    faith = float(np.mean([model.dominant_colour(im) == c for im, c in zip(imgs, named)]))
+    hits = [model.dominant_colour(im) == c for im, c in zip(imgs, named)]
+    faith = dict(caption_faithfulness=round(float(np.mean(hits)), 3))
     if clf is None:
-        return dict(caption_faithfulness=round(faith, 3))
-    share = model.judge_views(clf, imgs, one)["category_acc"]
-    return dict(caption_faithfulness=round(faith, 3), caption_category=share)
-
-
-def score(gens, true, clf=None, captions=None):
-    """Each method's orbits (N,V,3,H,W) in [-1,1] against the truth, over views 1..V-1 and over
-    the far views apart (row name + "_far") -> rows (model.orbit_rows)."""
-    rows = {}
-    for name, g in gens.items():
-        rows |= model.orbit_rows(name, (g + 1) / 2, (true + 1) / 2, clf, captions)
-    return rows
+        return faith
+    return faith | dict(caption_category=model.judge_views(clf, imgs, one)["category_acc"])
 
 
 def write_eval_pictures(out, gen, true, show=8):
     """The first `show` generated orbits beside the true ones, as eval_grid.png (one orbit a row)
     and eval.gif (one view a frame)."""
-    pairs = [torch.cat([gen[i], true[i]], -1) for i in range(min(show, len(true)))]  # (V,3,H,2W)
-    save_grid(out / "eval_grid.png", [p.add(1).div(2) for p in pairs])
-    frames = []
-    for v in range(true.shape[1]):
-        f = torch.cat([p[v] for p in pairs], -2)  # (3,show*H,2W)
-        f = F.interpolate((f[None] + 1) / 2, scale_factor=3)[0].clamp(0, 1)
-        frames.append((f.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-    gif = dict(format="GIF", duration=0.25, loop=0)
-    render.atomic_write(out / "eval.gif", lambda t: imageio.mimsave(t, frames, **gif))
+    pairs = [torch.cat([gen[i], true[i]], -1).add(1).div(2) for i in range(min(show, len(true)))]
+    save_grid(out / "eval_grid.png", pairs)
+    frames = torch.stack([torch.cat([p[v] for p in pairs], -2) for v in range(true.shape[1])])
+    render.save_gif(out / "eval.gif", frames.clamp(0, 1), 3, duration=0.25)
 
 
-# ----------------------------------------------------------------------------- phases
-def image_model_path(cfg):
-    """--image_model if given, else phase image's output in out/1_video, else the shipped one."""
-    if cfg.image_model:
-        return Path(cfg.image_model)
-    return model.find_weights(cfg.out, cfg.preset, "image_model")
+# ----------------------------------------------------------------------------------------- phases
+def start_path(flag, cfg, name):
+    """A model to start from: the flag's file if given, else out/1_video's, else the shipped one."""
+    return Path(flag) if flag else model.find_weights(cfg.out, cfg.preset, name)
 
 
-def pretrained_path(cfg):
-    """--pretrained if given, else phase pretrain's output in out/1_video, else the shipped one."""
-    if cfg.pretrained:
-        return Path(cfg.pretrained)
-    return model.find_weights(cfg.out, cfg.preset, "pretrained_video")
-
-
-def phase_image(cfg, st):
-    """The pretrained stand-in for EMU Video: a text-to-image UNet on stage 0's single views."""
-    imgs, caps = load_images(st.data, st.res)
+def phase_image(cfg, stage):
+    """The stand-in for Emu: a text-to-image UNet on stage 0's single views."""
+    imgs, caps = load_images(stage.data, stage.res)
     vocab = sorted({w for c in caps for w in c.split()})
-    config = model.UNetConfig(vocab, ints(cfg.channels), ints(cfg.attn_res), st.res, cfg.text_dim)
-    unet = model.UNet(config).to(st.device).to(memory_format=torch.channels_last)
+    config = model.UNetConfig(
+        vocab, ints(cfg.channels), ints(cfg.attn_res), stage.res, cfg.text_dim
+    )
+    unet = model.UNet(config).to(stage.device).to(memory_format=torch.channels_last)
     ids, _ = unet.text.tokenize(caps)
-    prompts = (st.data / "prompts.txt").read_text().splitlines()
+    prompts = (stage.data / "prompts.txt").read_text().splitlines()
 
     def on_sample(step):
         """Samples -> samples/image_<step>.png, and their caption faithfulness."""
-        grid = st.out / f"samples/image_{step:06d}.png"
-        faith = caption_faithfulness(cfg, unet, prompts, st.device, grid)["caption_faithfulness"]
-        tqdm.write(f"step {step}: caption faithfulness {faith:.2f}")
+        grid = stage.out / f"samples/image_{step:06d}.png"
+        faith = caption_faithfulness(cfg, unet, prompts, stage.device, grid)
+        tqdm.write(f"step {step}: caption faithfulness {faith['caption_faithfulness']:.2f}")
 
     batches = batcher(imgs, ids, cfg.image_batch, 1)
     how = dict(steps=cfg.image_steps, lr=cfg.image_lr, ema=cfg.image_ema, frames=1, t_power=1.0)
     run = Run("image_model", "image", list(unet.parameters()), batches, on_sample, **how)
-    secs = train(cfg, unet, run, st)
-    if st.rank == 0:
-        grid = st.out / "samples/image_final.png"
-        faith = caption_faithfulness(cfg, unet, prompts, st.device, grid)["caption_faithfulness"]
+    secs = train(cfg, unet, run, stage)
+    if stage.rank == 0:
+        grid = stage.out / "samples/image_final.png"
+        faith = caption_faithfulness(cfg, unet, prompts, stage.device, grid)["caption_faithfulness"]
         info = dict(steps=cfg.image_steps, seconds=round(secs), caption_faithfulness=faith)
-        path = st.out / "image_model.safetensors"
+        path = stage.out / "image_model.safetensors"
         model.save_checkpoint(
-            path, unet.state_dict(), "image_model", config, **info, device=str(st.device)
+            path, unet.state_dict(), "image_model", config, **info, device=str(stage.device)
         )
         print(f"image model: caption faithfulness {faith:.2f}, {secs / 60:.1f} min -> {path}")
 
@@ -423,35 +403,35 @@ def augment(views, gen):
     return torch.lerp(views, soft, torch.rand(len(views), 1, 1, 1, generator=gen))
 
 
-def phase_classifier(cfg, st):
+def phase_classifier(cfg, stage):
     """The stand-in for the paper's pretrained perception models: a classifier of category and
     main colour, trained on stage 0's single views but the last tenth, then validated on that
     tenth, also by azimuth (the camera's angle from the object's front) -> the checkpoint."""
-    imgs, caps = load_images(st.data, st.res)
-    views, labels = (imgs + 1) / 2, torch.tensor([render.caption_labels(c) for c in caps])
+    imgs, caps = load_images(stage.data, stage.res)
+    views = (imgs + 1) / 2
+    labels = torch.tensor([render.caption_labels(c) for c in caps])  # (N,2): category, colour
     n_val = max(1, int(len(views) * cfg.classifier_holdout))
-    conf = model.ClassifierConfig(st.res, cfg.classifier_width)
-    clf = model.Classifier(conf).to(st.device)
+    conf = model.ClassifierConfig(stage.res, cfg.classifier_width)
+    clf = model.Classifier(conf).to(stage.device)
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.classifier_lr, weight_decay=0.05)
-    t0, steps = time.time(), cfg.classifier_steps
-    bar = render.progress(range(steps), desc="phase classifier", disable=st.rank != 0)
-    for step in bar:
+    steps = cfg.classifier_steps
+    t0 = time.time()
+    for step in render.progress(range(steps), desc="phase classifier", disable=stage.rank != 0):
         lr = model.learning_rate(step, steps, cfg.classifier_lr, min(cfg.warmup, steps // 10))
         model.set_learning_rate(opt, lr)
         gen = torch.Generator().manual_seed(model.step_seed(cfg.seed, step))
         idx = torch.randint(len(views) - n_val, (cfg.classifier_batch,), generator=gen)
-        category, colour = clf(augment(views[idx], gen).to(st.device))
-        y = labels[idx].to(st.device)
+        category, colour = clf(augment(views[idx], gen).to(stage.device))
+        y = labels[idx].to(stage.device)
         loss = F.cross_entropy(category, y[:, 0]) + F.cross_entropy(colour, y[:, 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     clf = clf.cpu().eval()
-    scores = validate_classifier(st.data, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
-    if st.rank == 0:
+    scores = validate_classifier(stage.data, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
+    if stage.rank == 0:
         info = dict(steps=steps, seconds=round(time.time() - t0), trained_on=len(views) - n_val)
-        path = st.out / "classifier.safetensors"
+        path = stage.out / "classifier.safetensors"
         model.save_checkpoint(path, clf.state_dict(), "classifier", conf, **info, **scores)
         by = " ".join(f"{k}:{v:.2f}" for k, v in scores["category_acc_by_azimuth"].items())
         print(f"classifier: held-out category {scores['category_acc']:.3f}, colour "
@@ -477,13 +457,14 @@ def validate_classifier(data, clf, views, captions, first):
     return scores | dict(category_acc_by_azimuth=by)
 
 
-def image_with_temporal(cfg, st):
+def image_with_temporal(cfg, stage):
     """The image model with zero-initialised temporal layers inserted: at first exactly the image
-    model applied frame by frame. out/1_video keeps the image model, for the later stages."""
-    src, own = image_model_path(cfg), st.out / "image_model.safetensors"
+    model frame by frame. out/1_video keeps the image model, for the later stages."""
+    src = start_path(cfg.image_model, cfg, "image_model")
+    own = stage.out / "image_model.safetensors"
     mv = ints(cfg.mv_attn_res)
-    unet, _ = model.load_unet(src, "image_model", HINT_IMAGE, frames=st.views, mv_attn_res=mv)
-    if st.rank == 0 and src.resolve() != own.resolve():
+    unet, _ = model.load_unet(src, "image_model", HINT_IMAGE, frames=stage.views, mv_attn_res=mv)
+    if stage.rank == 0 and src.resolve() != own.resolve():
         render.atomic_write(own, lambda t: shutil.copyfile(src, t))
     return unet
 
@@ -495,192 +476,185 @@ def same_spatial_weights(a, b):
     return all(k in theirs and torch.equal(v, theirs[k]) for k, v in mine.items())
 
 
-def starting_model(cfg, st):
-    """Phase video's start: the pretrained video model (its temporal layers trained on the web
-    clips), or with --from_image_model the image model with zero-initialised temporal layers.
-    Either way the spatial and text weights are the image model's -> the UNet, its name."""
-    image = image_with_temporal(cfg, st)
-    if cfg.from_image_model:
-        return image, "image_model"
-    path = pretrained_path(cfg)
-    unet, _ = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)
-    if unet.config.frames != st.views or not same_spatial_weights(image, unet):
-        raise render.DataError(
-            f"{path}: not a video prior of this image model ({image_model_path(cfg)}) and "
-            f"{st.views} frames; run `{HINT_PRETRAIN}`, or pass --from_image_model"
-        )
-    return unet, "pretrained_video"
-
-
 def freeze_spatial(unet, train_spatial=False):
-    """Sec. 3.1: only the temporal layers train (train_spatial: every weight) -> the trainable
-    parameters."""
+    """Sec. 3.1: only the temporal layers train (train_spatial: every weight) -> those weights."""
     for n, p in unet.named_parameters():
         p.requires_grad = train_spatial or n.startswith("temporal.")
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def sample_pairs(cfg, unet, videos, captions, st):
-    """Videos generated from the first frames of `videos` (N,V,3,H,W) and their captions, each
-    beside the true one -> rows (V,3,H,2W) in [0,1] for save_grid."""
-    ids = unet.text.tokenize(captions)[0].to(st.device)
-    first = videos[:, 0].to(st.device)
-    g = sample_orbits(cfg, unet, ids, first, st.views, cfg.video_guidance, cfg.seed)
-    return [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, videos)]
-
-
 @torch.no_grad()
-def held_out_loss(unet, clips, ids, frames, seed, repeats=4):
-    """The v-prediction loss (frame 0 clean) on held-out clips from fixed noise, with the temporal
+def held_out_loss(unet, clips, ids, frames, seed):
+    """The v-prediction loss (frame 0 clean) on held-out clips from seed's noise, with the temporal
     layers and without them (the image model frame by frame) -> dict."""
     bare = copy.deepcopy(unet)
     bare.temporal = None
     out = {}
     for name, net in (("held_out_loss", unet), ("held_out_loss_image_model", bare)):
-        losses = []
-        for k in range(repeats):
-            model.seed_all(seed + k)
-            x = clips[:64].flatten(0, 1)
-            losses.append(model.v_loss(net.eval(), x, ids[:64], frames, True).item())
-        out[name] = round(float(np.mean(losses)), 5)
+        model.seed_all(seed)
+        loss = model.v_loss(net.eval(), clips.flatten(0, 1), ids, frames, clean_first=True)
+        out[name] = round(loss.item(), 5)
     return out
 
 
-def phase_pretrain(cfg, st):
+def phase_pretrain(cfg, stage):
     """The video prior, EMU Video's step and Sec. 3.1's starting point: zero-initialised temporal
     layers in the image model, every spatial and text weight frozen, trained on the web clips with
     frame 0 given clean. The clips have no cameras and follow no orbit: the temporal layers learn
     how things of every kind look as a camera moves, and phase video then teaches them the orbit."""
-    unet = image_with_temporal(cfg, st)
+    unet = image_with_temporal(cfg, stage)
     params = freeze_spatial(unet)
-    unet = unet.to(st.device).to(memory_format=torch.channels_last)
-    clips, caps = load_clips(st.data, st.views, st.res)
+    unet = unet.to(stage.device).to(memory_format=torch.channels_last)
+    hint = "python render.py --n_videos 6000"
+    clips, caps = load_videos(folders(stage.data / "videos", hint), stage.views, stage.res, False)
     ids, _ = unet.text.tokenize(caps)
     n_val = max(1, int(len(clips) * cfg.pretrain_holdout))  # the last clips: held out
 
     def on_sample(step):
-        """Clips generated from the first frames of 4 held-out clips, beside them -> samples/."""
-        pairs = sample_pairs(cfg, unet, clips[-4:], caps[-4:], st)
-        save_grid(st.out / f"samples/pretrain_{step:06d}.png", pairs)
+        """Clips drawn from the first frames of 4 held-out clips, beside them -> samples/."""
+        pairs = sample_pairs(cfg, unet, clips[-4:], caps[-4:], stage)
+        save_grid(stage.out / f"samples/pretrain_{step:06d}.png", pairs)
 
-    batches = batcher(clips[:-n_val], ids[:-n_val], cfg.pretrain_batch, st.views)
+    batches = batcher(clips[:-n_val], ids[:-n_val], cfg.pretrain_batch, stage.views)
     how = dict(steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, ema=cfg.pretrain_ema)
-    how |= dict(frames=st.views, t_power=cfg.t_power)
-    secs = train(
-        cfg, unet, Run("pretrained_video", "pretrain", params, batches, on_sample, **how), st
-    )
-    if st.rank == 0:
+    how |= dict(frames=stage.views, t_power=cfg.t_power)
+    run = Run("pretrained_video", "pretrain", params, batches, on_sample, **how)
+    secs = train(cfg, unet, run, stage)
+    if stage.rank == 0:
         on_sample(cfg.pretrain_steps)
-        scores = held_out_loss(unet, clips[-n_val:], ids[-n_val:].to(st.device), st.views, cfg.seed)
+        val = slice(len(clips) - min(n_val, 64), None)  # 64 held-out clips at most
+        val_clips = clips[val].to(stage.device)
+        scores = held_out_loss(unet, val_clips, ids[val].to(stage.device), stage.views, cfg.seed)
         info = dict(steps=cfg.pretrain_steps, seconds=round(secs), clips=len(clips) - n_val)
-        path = st.out / "pretrained_video.safetensors"
+        path = stage.out / "pretrained_video.safetensors"
         model.save_checkpoint(
             path, unet.state_dict(), "pretrained_video", unet.config, **info, **scores
         )
-        print(
-            f"video prior: held-out loss {scores['held_out_loss']:.4f} (the image model frame by "
-            f"frame: {scores['held_out_loss_image_model']:.4f}), {secs / 60:.1f} min -> {path}"
+        base = scores["held_out_loss_image_model"]
+        print(f"video prior: held-out loss {scores['held_out_loss']:.4f} (the image model frame")
+        print(f"by frame: {base:.4f}), {secs / 60:.1f} min -> {path}")
+
+
+def starting_model(cfg, stage):
+    """Phase video's start: the video prior (its temporal layers trained on the web clips), or with
+    --from_image_model the image model with zero-initialised temporal layers. Either way the
+    spatial and text weights are the image model's -> the UNet, its name."""
+    image = image_with_temporal(cfg, stage)
+    if cfg.from_image_model:
+        return image, "image_model"
+    path = start_path(cfg.pretrained, cfg, "pretrained_video")
+    unet, _ = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)
+    if unet.config.frames != stage.views or not same_spatial_weights(image, unet):
+        raise render.DataError(
+            f"{path}: not a video prior of this image model and {stage.views} frames; "
+            f"run `{HINT_PRETRAIN}`, or pass --from_image_model"
         )
+    return unet, "pretrained_video"
 
 
-def phase_video(cfg, st):
-    """Sec. 3.1: the temporal layers of the pretrained video model (or, with --from_image_model,
-    of the image model, starting at zero) fine-tuned on the real assets' orbits with frame 0 given
-    clean, every other weight frozen (--train_spatial: every weight, which the paper rejects)."""
-    unet, start = starting_model(cfg, st)
+def phase_video(cfg, stage):
+    """Sec. 3.1: the temporal layers of the video prior (or, with --from_image_model, of the image
+    model, starting at zero) fine-tuned on the real assets' orbits with frame 0 given clean, every
+    other weight frozen (--train_spatial: every weight, which the paper rejects)."""
+    unet, start = starting_model(cfg, stage)
     params = freeze_spatial(unet, cfg.train_spatial)
-    unet = unet.to(st.device).to(memory_format=torch.channels_last)
-    train_dirs = sorted(p.parent for p in (st.data / "assets/train").glob("*/000.png"))
-    orbits, caps = load_orbits(train_dirs, st.views, st.res)
+    unet = unet.to(stage.device).to(memory_format=torch.channels_last)
+    train_dirs = folders(stage.data / "assets/train", "python render.py")
+    orbits, caps = load_videos(train_dirs, stage.views, stage.res)
     ids, unknown = unet.text.tokenize(caps)
     if unknown:
         print(f"warning: caption words unknown to the image model map to <unk>: {sorted(unknown)}")
-    test, test_caps = load_orbits(render.test_folders(st.data, 2), st.views, st.res)
+    test, test_caps = load_videos(render.test_folders(stage.data, 2), stage.views, stage.res)
 
     def on_sample(step):
         """Orbits of 4 held-out assets from their first view, beside the truth -> samples/."""
-        save_grid(
-            st.out / f"samples/video_{step:06d}.png", sample_pairs(cfg, unet, test, test_caps, st)
-        )
+        pairs = sample_pairs(cfg, unet, test, test_caps, stage)
+        save_grid(stage.out / f"samples/video_{step:06d}.png", pairs)
 
-    batches = batcher(orbits, ids, cfg.video_batch, st.views, cfg.video_shift)
+    batches = batcher(orbits, ids, cfg.video_batch, stage.views, cfg.video_shift)
     how = dict(steps=cfg.video_steps, lr=cfg.video_lr, ema=cfg.video_ema)
-    how |= dict(frames=st.views, t_power=cfg.t_power)
-    secs = train(cfg, unet, Run("video_model", "video", params, batches, on_sample, **how), st)
-    if st.rank == 0:
+    how |= dict(frames=stage.views, t_power=cfg.t_power)
+    run = Run("video_model", "video", params, batches, on_sample, **how)
+    secs = train(cfg, unet, run, stage)
+    if stage.rank == 0:
         on_sample(cfg.video_steps)
-        path = st.out / "video_model.safetensors"
+        path = stage.out / "video_model.safetensors"
         info = dict(steps=cfg.video_steps, seconds=round(secs), start=start)
         model.save_checkpoint(path, unet.state_dict(), "video_model", unet.config, **info)
-        n = sum(p.numel() for p in params) / 1e6
         which = "all" if cfg.train_spatial else "temporal"
-        print(
-            f"video model: {n:.2f}M {which} parameters trained from the {start}, "
-            f"{secs / 60:.1f} min -> {path}"
-        )
+        print(f"video model: {sum(p.numel() for p in params) / 1e6:.2f}M {which} parameters "
+              f"trained from the {start}, {secs / 60:.1f} min -> {path}")  # fmt: skip
 
 
-def eval_models(cfg, st):
+def eval_models(cfg, stage):
     """The models phase eval compares, each with its text guidance: the video model, the video
     prior it may have started from (before any 3D fine-tune), and the image model."""
-    video, _ = model.load_unet(st.out / "video_model.safetensors", "video_model", HINT_VIDEO)
-    image, _ = model.load_unet(st.out / "image_model.safetensors", "image_model", HINT_IMAGE)
+    video, _ = model.load_unet(stage.out / "video_model.safetensors", "video_model", HINT_VIDEO)
+    image, _ = model.load_unet(stage.out / "image_model.safetensors", "image_model", HINT_IMAGE)
     nets = {"video_model": (video, cfg.video_guidance)}
-    path = pretrained_path(cfg)
+    path = start_path(cfg.pretrained, cfg, "pretrained_video")
     if path.is_file():
         prior, _ = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)
-        if prior.config.frames == st.views and same_spatial_weights(image, prior):
+        if prior.config.frames == stage.views and same_spatial_weights(image, prior):
             nets["pretrained_video"] = (prior, cfg.video_guidance)
     if "pretrained_video" not in nets:
         print(f"note: no video prior of this image model ({path}): its row is left out")
     nets["image_model_per_frame"] = (image, cfg.guidance)
-    return {name: (net.to(st.device).eval(), g) for name, (net, g) in nets.items()}
+    return {name: (net.to(stage.device).eval(), g) for name, (net, g) in nets.items()}
 
 
-def phase_eval(cfg, st, t_start):
+def phase_eval(cfg, stage):
     """Orbits from (view 0, caption) of held-out assets: (a) the video model, (b) the video prior
-    before its 3D fine-tune, (c) the image model frame by frame with the same noise, (d) a copy of
-    the input view, (e) white. PSNR/SSIM over views 1..V-1 -> metrics.json, eval_grid.png,
-    eval.gif."""
-    nets = eval_models(cfg, st)
-    folders = render.test_folders(st.data, cfg.n_eval)  # seen categories, then unseen
-    true, caps = load_orbits(folders, st.views, st.res)  # (N,V,3,H,W)
-    image = nets["image_model_per_frame"][0]
-    ids, _ = image.text.tokenize(caps)
+    before its 3D fine-tune, (c) the image model frame by frame with the same noise, (d) a copy
+    of the input view, (e) white; scored over views 1..V-1 and the far ones -> metrics.json,
+    eval_grid.png, eval.gif."""
+    if stage.rank != 0:
+        return
+    nets = eval_models(cfg, stage)
+    held_out = render.test_folders(stage.data, cfg.n_eval)  # seen categories, then unseen
+    true, caps = load_videos(held_out, stage.views, stage.res)  # (N,V,3,H,W)
     gens = {}
-    for name, (net, guidance) in nets.items():
-        chunks = list(zip(ids.split(16), true[:, 0].split(16)))
-        samples = []
-        # chunk k starts from the noise of seed + k, the same for every model
-        for k, (i, f) in enumerate(render.progress(chunks, desc=f"eval {name}", leave=False)):
-            i, f = i.to(st.device), f.to(st.device)  # captions, first views
-            samples.append(sample_orbits(cfg, net, i, f, st.views, guidance, cfg.seed + k))
-        gens[name] = torch.cat(samples)
+    for name, (net, guidance) in render.progress(nets.items(), desc="phase eval", leave=False):
+        gens[name] = sample_orbits(cfg, net, caps, true[:, 0], guidance, stage)
     gens["copy_input"] = true[:, :1].expand_as(true)
     gens["white"] = torch.ones_like(true)
     clf = model.find_classifier(cfg.out, cfg.preset)
 
-    def score_split(idx):
-        """The rows over the held-out objects idx."""
-        return score({k: g[idx] for k, g in gens.items()}, true[idx], clf, [caps[i] for i in idx])
+    def score(idx):
+        """Each method's rows over the held-out objects idx (model.orbit_rows)."""
+        rows = {}
+        for name, g in gens.items():
+            pred = (g[idx] + 1) / 2
+            rows |= model.orbit_rows(name, pred, (true[idx] + 1) / 2, clf, [caps[i] for i in idx])
+        return rows
 
-    scores = render.rows_by_split(folders, score_split)
-    prompts = (st.data / "prompts.txt").read_text().splitlines()
-    scores["rows"]["image_model_per_frame"] |= caption_faithfulness(
-        cfg, image, prompts, st.device, clf=clf
-    )
-    write_eval_pictures(st.out, gens["video_model"], true)
-    seconds = round(time.time() - t_start, 1)
+    scores = render.rows_by_split(held_out, score)
+    prompts = (stage.data / "prompts.txt").read_text().splitlines()
+    image = nets["image_model_per_frame"][0]
+    faith = caption_faithfulness(cfg, image, prompts, stage.device, clf=clf)
+    scores["rows"]["image_model_per_frame"] |= faith
+    write_eval_pictures(stage.out, gens["video_model"], true)
+    seconds = round(time.time() - stage.start, 1)
     metrics = dict(stage="finetune_video", preset=cfg.preset, seconds=seconds, n_objects=len(true))
-    render.save_json(st.out / "metrics.json", metrics | scores)
+    render.save_json(stage.out / "metrics.json", metrics | scores)
     render.print_table(scores["rows"])
+
+
+# ------------------------------------------------------------------------------------------- main
+PHASES = dict(
+    image=phase_image,
+    classifier=phase_classifier,
+    pretrain=phase_pretrain,
+    video=phase_video,
+    eval=phase_eval,
+)
 
 
 def for_this_world(path):
     """Whether a model file exists and was made for this code's world."""
-    return path.is_file() and render.load_tensors(path)[1].get("world_version") == str(
-        render.WORLD_VERSION
-    )
+    if not path.is_file():
+        return False
+    return render.load_tensors(path)[1].get("world_version") == str(render.WORLD_VERSION)
 
 
 def phases_to_run(cfg):
@@ -690,51 +664,39 @@ def phases_to_run(cfg):
     if cfg.phase != "auto":
         return [cfg.phase]
     phases = []
-    path = image_model_path(cfg)
+    path = start_path(cfg.image_model, cfg, "image_model")
     if not for_this_world(path):
         if path.is_file():
             print(f"note: {path} is for another world; phase image trains one for it first")
         phases.append("image")
     if model.find_classifier(cfg.out, cfg.preset) is None:
         phases.append("classifier")
-    prior = for_this_world(pretrained_path(cfg))
+    prior = for_this_world(start_path(cfg.pretrained, cfg, "pretrained_video"))
     if not cfg.from_image_model and ("image" in phases or not prior):
         phases.append("pretrain")
     return phases + ["video", "eval"]
 
 
-def read_world(cfg):
-    """Stage 0's meta.json, which must come from this preset -> (views, res)."""
-    data = Path(cfg.out) / "0_data"
-    meta = render.read_stage(data, cfg.preset, f"python render.py --out {cfg.out}")
-    return meta["config"]["views"], meta["config"]["res"]
-
-
 def main():
+    """Stage 1: stage 0's size, then each phase in turn, then meta.json and the run page."""
     cfg = render.parse_config(Config, PRESETS)
     device, rank, world = model.setup(cfg)
-    views, res = read_world(cfg)
-    st = Stage(Path(cfg.out) / "0_data", Path(cfg.out) / "1_video", views, res, device, rank, world)
-    (st.out / "samples").mkdir(parents=True, exist_ok=True)
+    data = Path(cfg.out) / "0_data"
+    meta0 = render.read_stage(data, cfg.preset, f"python render.py --out {cfg.out}")
+    views = meta0["config"]["views"]
+    res = meta0["config"]["res"]
+    stage = Stage(data, Path(cfg.out) / "1_video", views, res, device, rank, world, time.time())
+    (stage.out / "samples").mkdir(parents=True, exist_ok=True)
     phases = phases_to_run(cfg)
-    t_start = time.time()
-    if "image" in phases:
-        phase_image(cfg, st)
-    if "classifier" in phases:
-        phase_classifier(cfg, st)
-    if "pretrain" in phases:
-        phase_pretrain(cfg, st)
-    if "video" in phases:
-        phase_video(cfg, st)
-    if "eval" in phases and rank == 0:
-        phase_eval(cfg, st, t_start)
+    for name in phases:
+        PHASES[name](cfg, stage)
     if rank == 0:
         meta = dict(stage="finetune_video", preset=cfg.preset, config=dataclasses.asdict(cfg))
         meta |= dict(views=views, res=res, phases=phases, versions=dict(torch=torch.__version__))
-        render.save_json(st.out / "meta.json", meta | dict(world_version=render.WORLD_VERSION))
-        minutes = (time.time() - t_start) / 60
+        render.save_json(stage.out / "meta.json", meta | dict(world_version=render.WORLD_VERSION))
         render.write_index(cfg.out)
-        print(f"stage 1 ({', '.join(phases)}) done in {minutes:.1f} min -> {st.out}")
+        minutes = (time.time() - stage.start) / 60
+        print(f"stage 1 ({', '.join(phases)}) done in {minutes:.1f} min -> {stage.out}")
         print("next: python generate_views.py")
     model.teardown(world)
 

@@ -314,13 +314,13 @@ class UNet(nn.Module):
 def load_unet(path, kind, hint, frames=0, mv_attn_res=()):
     """Rebuild a UNet from its checkpoint's own config. frames > 0 on an image model adds
     zero-initialised temporal layers (the video model at insertion)."""
-    tensors, conf, meta = load_checkpoint(path, kind, hint)
-    config = UNetConfig(**conf)
-    if frames and not config.frames:
+    tensors, config, meta = load_checkpoint(path, kind, hint, UNetConfig)
+    image_model = not config.frames
+    if frames and image_model:
         config.frames = frames
         config.mv_attn_res = tuple(mv_attn_res)
     unet = UNet(config)
-    if frames and not conf["frames"]:
+    if frames and image_model:
         tensors |= {k: v for k, v in unet.state_dict().items() if k.startswith("temporal.")}
     load_weights(unet, tensors, path)
     return unet, meta
@@ -660,8 +660,8 @@ class LRM(nn.Module):
 
 def load_lrm(path, hint):
     """Rebuild an LRM from its checkpoint (its own config travels in the metadata)."""
-    tensors, conf, meta = load_checkpoint(path, "lrm", hint)
-    lrm = LRM(LRMConfig(**conf))
+    tensors, config, meta = load_checkpoint(path, "lrm", hint, LRMConfig)
+    lrm = LRM(config)
     load_weights(lrm, tensors, path)
     return lrm.eval(), meta
 
@@ -788,8 +788,8 @@ def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
 # ------------------------------------------------------------------------ meshes and the image loss
 @torch.no_grad()
 def lrm_mesh(lrm, planes, res, level, coarse=1):
-    """Marching cubes of one object's density (planes (3,C,P,P)) at `level` -> v, faces, colours;
-    coarse > 1 reads the grid coarse to fine (render.extract_mesh_coarse)."""
+    """Marching cubes of one object's density (planes (3,C,P,P)) at `level`, its floaters dropped
+    (render.drop_floaters) -> v, faces, colours; coarse > 1 reads the grid coarse to fine."""
 
     def density(p):
         return lrm.field(planes[None], p[None].to(planes.device))[0][0].float().cpu()
@@ -798,6 +798,7 @@ def lrm_mesh(lrm, planes, res, level, coarse=1):
         v, f = render.extract_mesh_coarse(density, res, level, coarse)
     else:
         v, f = render.extract_mesh(density, res, level)
+    v, f, _, _ = render.drop_floaters(v, f, v)
     if len(v) == 0:
         return v, f, torch.zeros(0, 3)
     rgb = lrm.field(planes[None], v[None].to(planes.device))[1][0].float().cpu()
@@ -870,8 +871,8 @@ def find_classifier(out, preset):
 def load_classifier(path):
     """A classifier checkpoint -> the model, in eval mode."""
     hint = "python finetune_video.py --phase classifier"
-    tensors, conf, _ = load_checkpoint(path, "classifier", hint)
-    clf = Classifier(ClassifierConfig(**conf))
+    tensors, config, _ = load_checkpoint(path, "classifier", hint, ClassifierConfig)
+    clf = Classifier(config)
     load_weights(clf, tensors, path)
     return clf.eval()
 
@@ -1022,9 +1023,13 @@ def setup(cfg):
     """Device, seed, DDP under torchrun -> (device, rank, world)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    found["cpu"] = True
     if cfg.device in ("", "auto"):  # cuda, then mps, then the cpu
-        found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        cfg.device = next((name for name, ok in found.items() if ok), "cpu")
+        cfg.device = next(name for name, ok in found.items() if ok)
+    if not found.get(cfg.device.split(":")[0]):
+        there = " ".join(name for name, ok in found.items() if ok)
+        raise render.DataError(f"--device {cfg.device}: not on this machine; it has: {there}")
     device = torch.device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1113,8 +1118,10 @@ def save_checkpoint(path, tensors, kind, config, **extra):
     render.save_tensors(path, tensors, meta)
 
 
-def load_checkpoint(path, kind, hint):
-    """-> (tensors, config dict, metadata). A checkpoint of another kind is a one-line DataError."""
+def load_checkpoint(path, kind, hint, config_class=dict):
+    """-> (tensors, config (a config_class built from the metadata), metadata). A checkpoint of
+    another kind, world or version of this code, or one holding weights that are not finite, is
+    a one-line DataError."""
     if not os.path.isfile(path):
         raise render.DataError(f"{path}: checkpoint missing; run `{hint}` first")
     tensors, meta = render.load_tensors(path)
@@ -1129,7 +1136,34 @@ def load_checkpoint(path, kind, hint):
             f"{path}: made for world v{meta.get('world_version')}, "
             f"this code is v{render.WORLD_VERSION}; run `{hint}` again"
         )
-    return tensors, json.loads(meta["config"]), meta
+    try:
+        config = config_class(**json.loads(meta["config"]))
+    except (KeyError, ValueError, TypeError) as e:
+        why = f"{type(e).__name__}: {e}"[:80]
+        raise render.DataError(f"{path}: made by another version ({why}); run `{hint}` again")
+    if not all(t.isfinite().all() for t in tensors.values() if t.is_floating_point()):
+        raise render.DataError(f"{path}: holds NaN or inf weights; run `{hint}` again")
+    return tensors, config, meta
+
+
+def check_finite(loss, step, state):
+    """Stop a run whose loss is no longer a number, before any bad weights are saved."""
+    if not torch.isfinite(loss):
+        raise render.DataError(
+            f"the loss is {loss.item()} at step {step}: training stopped, the last good state is "
+            f"{state}; check the data for NaN, or lower the learning rate"
+        )
+
+
+def saved_step(meta, path, steps):
+    """The step a training state was saved at, which must lie in 0..steps."""
+    try:
+        step = int(json.loads(meta["step"]))
+    except (KeyError, ValueError, TypeError):
+        step = -1
+    if not 0 <= step <= steps:
+        raise render.DataError(f"{path}: not a state of this run; delete it or pass --resume false")
+    return step
 
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"  # the shipped models

@@ -48,8 +48,10 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
 import imageio.v2 as imageio
 import numpy as np
 import torch
@@ -72,26 +74,26 @@ WORLD_VERSION = 2
 class Config:
     preset: str = "tiny"  # micro | tiny | small | paper (fills the fields below)
     out: str = "out"  # root folder holding the numbered stage folders
-    seed: int = 0  # world seed: the same seed writes the same bytes
+    seed: int = 0  # world seed: the same seed writes the same bytes [0..]
     device: str = "cpu"  # unused here (rendering runs on the CPU), kept for a uniform CLI
-    categories_3d: int = 6  # categories with 3D assets: the first N of CATEGORIES
-    n_train: int = 400  # real 3D assets for training (the scarce 3D data), of those categories
-    n_test_seen: int = 40  # held-out real assets of the same categories, evaluation only
-    n_test_unseen: int = 40  # held-out real assets of the other categories, evaluation only
-    n_images: int = 10000  # single views of other objects (the abundant 2D data)
-    n_prompts: int = 2000  # captions of other objects (the "web-scale" prompts)
-    n_videos: int = 0  # web clips of new objects, no cameras (only to retrain the video prior)
-    views: int = 8  # views per orbit
-    res: int = 32  # image size, pixels
-    supersample: int = 2  # rays per pixel side when rendering (anti-aliasing)
-    trace_steps: int = 48  # sphere-tracing steps
-    surface_points: int = 4096  # ground-truth surface points per asset
-    batch: int = 96  # images rendered together
+    categories_3d: int = 6  # categories with 3D assets: the first N of CATEGORIES [1..15]
+    n_train: int = 400  # real 3D assets of those categories for training (scarce) [1..]
+    n_test_seen: int = 40  # held-out real assets of the same categories, evaluation only [1..]
+    n_test_unseen: int = 40  # held-out real assets of the other categories, evaluation only [1..]
+    n_images: int = 10000  # single views of other objects (the abundant 2D data) [1..]
+    n_prompts: int = 2000  # captions of other objects (the "web-scale" prompts) [1..]
+    n_videos: int = 0  # web clips, no cameras (only to retrain the video prior) [0..]
+    views: int = 8  # views per orbit [2..]
+    res: int = 32  # image size, pixels [8..]
+    supersample: int = 2  # rays per pixel side when rendering (anti-aliasing) [1..]
+    trace_steps: int = 48  # sphere-tracing steps [1..]
+    surface_points: int = 4096  # ground-truth surface points per asset [1..]
+    batch: int = 96  # images rendered together [1..]
     # your own meshes: python render.py --meshes DIR (instead of the world)
     meshes: str = ""  # folder of .obj/.ply files -> object folders in <out>/0_data/meshes/
     mesh_colour: str = "0.7,0.7,0.7"  # RGB in [0,1] of meshes without vertex colours
     mesh_up: str = "y"  # the files' up axis: y (most exporters) or z (this world's)
-    max_faces: int = 200000  # meshes with more triangles are skipped (decimate them first)
+    max_faces: int = 200000  # meshes with more triangles are skipped (decimate them first) [1..]
 
 
 PRESETS = {
@@ -751,17 +753,16 @@ def main():
         return bring_meshes(cfg)
     root = Path(cfg.out) / "0_data"
     conf = check_out(cfg, root)
-    if not 1 <= cfg.categories_3d < len(CATEGORIES):
-        raise DataError(f"--categories_3d {cfg.categories_3d}: pick 1 to {len(CATEGORIES) - 1}")
     t0 = time.time()
-    counts = {split: render_split(cfg, split, root / "assets" / split) for split in ASSETS}
-    counts["images"] = render_split(cfg, "images", root / "images")
-    counts["videos"] = render_videos(cfg, root / "videos")
-    prompts = (world_object(cfg, "prompts", i)["caption"] + "\n" for i in range(cfg.n_prompts))
-    write_text(root / "prompts.txt", "".join(prompts))
-    seconds = time.time() - t0
-    if any(new for _, new in counts.values()) or not (root / "meta.json").is_file():
-        write_preview_and_meta(cfg, root, conf, seconds)
+    with locked(root):
+        counts = {split: render_split(cfg, split, root / "assets" / split) for split in ASSETS}
+        counts["images"] = render_split(cfg, "images", root / "images")
+        counts["videos"] = render_videos(cfg, root / "videos")
+        prompts = (world_object(cfg, "prompts", i)["caption"] + "\n" for i in range(cfg.n_prompts))
+        write_text(root / "prompts.txt", "".join(prompts))
+        seconds = time.time() - t0
+        if any(new for _, new in counts.values()) or not (root / "meta.json").is_file():
+            write_preview_and_meta(cfg, root, conf, seconds)
     write_index(cfg.out)
     print_summary(cfg, root, counts, seconds)
 
@@ -855,6 +856,16 @@ def cube_faces():
     return faces
 
 
+def fan_start(loop, on_faces):
+    """Where a loop's fan of triangles starts: at the first crossed edge that shares no face of
+    the cube with any edge it has a diagonal to (those 2..n-2 further round); else at 0."""
+    n = len(loop)
+    for s in range(n):
+        if not any(on_faces[loop[s]] & on_faces[loop[(s + i) % n]] for i in range(2, n - 1)):
+            return s
+    return 0
+
+
 def marching_cubes_table():
     """Triangles (as triples of edge indices) for each of the 256 inside/outside patterns of a
     cube's corners, built here rather than copied. Walk each face's ring: every run of inside
@@ -864,9 +875,13 @@ def marching_cubes_table():
     left on one of its two faces and entered on the other, so the segments chain into closed
     loops around the inside corners, and each loop becomes a fan of triangles; entering before
     leaving, counter-clockwise from outside, winds the triangles to face away from the inside.
+    A fan starts where none of its diagonals lies in a face of the cube: a triangle in a face
+    would meet the neighbouring cube's there, four triangles on one edge.
     -> (256, T, 3) edges, -1 past each case's triangles."""
     edge_of = {frozenset(e): k for k, e in enumerate(CUBE_EDGES)}
-    faces, table = cube_faces(), []
+    faces = cube_faces()
+    on_faces = [{k for k, ring in enumerate(faces) if {a, b} <= set(ring)} for a, b in CUBE_EDGES]
+    table = []
     for case in range(256):
         inside = [case >> c & 1 for c in range(8)]
         leads_to = {}  # crossed edge -> the crossed edge at the other end of its segment
@@ -882,7 +897,9 @@ def marching_cubes_table():
             while leads_to[loop[-1]] != loop[0]:
                 loop.append(leads_to.pop(loop[-1]))
             leads_to.pop(loop[-1])
-            tris += [(loop[0], loop[i], loop[i + 1]) for i in range(1, len(loop) - 1)]
+            s = fan_start(loop, on_faces)
+            n = len(loop)
+            tris += [(loop[s], loop[(s + i) % n], loop[(s + i + 1) % n]) for i in range(1, n - 1)]
         table.append(tris)
     width = max(len(t) for t in table)
     return torch.tensor([t + [(-1, -1, -1)] * (width - len(t)) for t in table])
@@ -971,9 +988,46 @@ def extract_mesh_coarse(density_fn, res, level, coarse, chunk=2**13):
 
 
 def mesh_of(vol, level):
-    """Marching cubes of a res^3 grid over [-1,1]^3 -> vertices in world units, faces."""
-    v, f = marching_cubes(vol, level)
-    return v * (2 / (vol.shape[0] - 1)) - 1, f
+    """Marching cubes of a res^3 grid over [-1,1]^3 -> vertices in world units, faces. The grid
+    is wrapped in a layer below the level first, so a surface that reaches the box is closed
+    on its face (clamped onto it), never cut open there."""
+    v, f = marching_cubes(F.pad(vol, (1, 1, 1, 1, 1, 1), value=level - 1.0), level)
+    return ((v - 1) * (2 / (vol.shape[0] - 1)) - 1).clamp(-1, 1), f
+
+
+def face_components(f, n_vertices):
+    """The connected pieces of a mesh, faces joined where they share a vertex -> (F,) a piece
+    number per face. Each vertex takes the smallest number among its faces' vertices, and then
+    its number's number (pointer jumping), until nothing changes."""
+    label = torch.arange(n_vertices)
+    while True:
+        low = label[f].min(1).values.repeat_interleave(3)  # each face's smallest, per corner
+        new = label.scatter_reduce(0, f.flatten(), low, "amin")
+        new = new[new]
+        if torch.equal(new, label):
+            return torch.unique(label[f[:, 0]], return_inverse=True)[1]
+        label = new
+
+
+def drop_floaters(v, f, rgb, share=0.01):
+    """The mesh without its floaters: the pieces under `share` of the largest's area, and those
+    that reach the box (no true object does: they fit in a ball of radius FRAME_FILL); the largest
+    piece always stays -> v, f, rgb without them, and how many faces went."""
+    if len(f) == 0:
+        return v, f, rgb, 0
+    piece = face_components(f, len(v))
+    a, b, c = v[f].unbind(1)
+    area = torch.linalg.cross(b - a, c - a).norm(dim=-1)  # (F,), twice each face's area
+    total = torch.zeros(int(piece.max()) + 1, dtype=v.dtype).index_add_(0, piece, area)
+    on_box = (v[f].abs() >= 1 - 1e-6).flatten(1).any(1).float()  # (F,) a corner on the box
+    at_box = torch.zeros(len(total)).index_add_(0, piece, on_box)
+    keep = (total >= share * total.max()) & (at_box == 0)
+    keep[total.argmax()] = True
+    kept = keep[piece]
+    used = torch.zeros(len(v), dtype=torch.bool)
+    used[f[kept].flatten()] = True
+    new_index = torch.cumsum(used, 0) - 1
+    return v[used], new_index[f[kept]], rgb[used], int((~kept).sum())
 
 
 def sample_mesh(v, f, n, seed=0, rgb=None):
@@ -994,9 +1048,14 @@ def sample_mesh(v, f, n, seed=0, rgb=None):
 
 # --------------------------------------------------------------------------------------- meshes out
 def write_obj(path, v, f, rgb):
-    """Wavefront .obj with per-vertex colour ('v x y z r g b'), faces 1-based."""
+    """Wavefront .obj with per-vertex colour ('v x y z r g b'), faces 1-based, +Y up and -Z
+    forward as Blender's and most tools' import expects: our (x, y, z) is written (x, z, -y).
+    Seven decimals keep every vertex apart (at five, some coincide and the mesh pinches there)."""
     rows = zip(v.tolist(), rgb.tolist())
-    lines = [f"v {x:.5f} {y:.5f} {z:.5f} {r:.4f} {g:.4f} {b:.4f}" for (x, y, z), (r, g, b) in rows]
+    lines = ["# +Y up, -Z forward: the world's (x, y, z) written as (x, z, -y)"]
+    lines += [
+        f"v {x:.7f} {z:.7f} {-y:.7f} {r:.4f} {g:.4f} {b:.4f}" for (x, y, z), (r, g, b) in rows
+    ]
     lines += [f"f {i + 1} {j + 1} {k + 1}" for i, j, k in f.tolist()]
     atomic_write(path, lambda t: t.write_text("\n".join(lines) + "\n"))
 
@@ -1063,12 +1122,12 @@ def write_glb(path, v, f, rgb):
     atomic_write(path, lambda p: p.write_bytes(head + chunks))
 
 
-def save_gif(out, frames, scale):
-    """Frames (T,3,H,W) in [0,1], each pixel enlarged to scale x scale -> GIF `out`, looping at
-    12.5 frames a second; -> its frames, uint8 (H*scale, W*scale, 3)."""
+def save_gif(out, frames, scale, duration=0.08):
+    """Frames (T,3,H,W) in [0,1], each pixel enlarged to scale x scale -> GIF `out`, looping, a
+    frame every `duration` seconds; -> its frames, uint8 (H*scale, W*scale, 3)."""
     big = F.interpolate(frames, scale_factor=scale, mode="nearest")
     gif = [(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in big]
-    atomic_write(out, lambda p: imageio.mimsave(p, gif, format="GIF", duration=0.08, loop=0))
+    atomic_write(out, lambda p: imageio.mimsave(p, gif, format="GIF", duration=duration, loop=0))
     return gif
 
 
@@ -1080,9 +1139,20 @@ class DataError(Exception):
     """Bad input from the user or the disk: printed as one line, never as a traceback."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose complaints (an unknown flag, a value of the wrong type) are one line."""
+
+    def error(self, message):
+        raise DataError(f"{message}; see --help")
+
+
 def parse_bool(text):
-    """A bool flag's value: 1, true or yes (any case) is True, anything else False."""
-    return text.lower() in ("1", "true", "yes")
+    """A bool flag's value: true, yes or 1 / false, no or 0 (any case); a typo is an error."""
+    words = dict(true=True, yes=True, false=False, no=False)
+    words |= {"1": True, "0": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return words[text.lower()]
 
 
 def field_comments(cls):
@@ -1102,10 +1172,30 @@ def field_comments(cls):
     return found
 
 
+def check_range(name, value, comment):
+    """A number flag against the range its comment ends with, "[1..]" or "[0..1]" (either end
+    may be open); every float must be finite -> one-line DataError naming the flag."""
+    if isinstance(value, float) and not np.isfinite(value):
+        raise DataError(f"--{name} {value}: give a finite number")
+    bounds = re.search(r"\[(-?[\d.]*)\.\.(-?[\d.]*)\]$", comment)
+    if bounds is None:
+        return
+    low, high = bounds.groups()
+    if low and high:
+        accepts = f"{low} to {high}"
+    elif low:
+        accepts = f"{low} or more"
+    else:
+        accepts = f"{high} or less"
+    if (low and value < float(low)) or (high and value > float(high)):
+        raise DataError(f"--{name} {value}: out of range; it accepts {accepts}")
+
+
 def parse_config(cls, presets, argv=None):
-    """Fill dataclass `cls` from --preset, then from one flag per field (`--res 32`). --help shows
-    each flag's default and comment (field_comments), grouped as the fields of `cls` are."""
-    parser = argparse.ArgumentParser(
+    """Fill dataclass `cls` from --preset, then from one flag per field (`--res 32`), each checked
+    against its range (check_range). --help shows each flag's default and comment
+    (field_comments), grouped as the fields of `cls` are."""
+    parser = Parser(
         description=" ".join(sys.modules[cls.__module__].__doc__.split("\n\n")[0].split()),
         epilog="The defaults are the Config's: --preset replaces some, and flags override both.",
     )
@@ -1129,17 +1219,24 @@ def parse_config(cls, presets, argv=None):
     preset = args.get("preset", cls.preset)
     if preset not in presets:
         raise DataError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    return cls(**{**presets[preset], **args, "preset": preset})
+    cfg = cls(**{**presets[preset], **args, "preset": preset})
+    for name, (_, comment) in comments.items():
+        value = getattr(cfg, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_range(name, value, comment)
+    return cfg
 
 
 def run_cli(main):
-    """Run `main()`, turning bad input (DataError) and file-system errors
-    into one line on stderr."""
+    """Run `main()`, turning bad input (DataError) and file-system errors into one line on stderr,
+    on a line of its own (an open progress bar is closed first)."""
     try:
         main()
     except (DataError, OSError) as e:
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
         hint = " (check --out and the disk)" if isinstance(e, OSError) else ""
-        print(f"error: {e}{hint}", file=sys.stderr)
+        print(f"error: {e}{hint}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
 
 
@@ -1184,6 +1281,20 @@ def save_tensors(path, tensors, meta=None):
     atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
 
 
+# What to do with a file that cannot be used, by who made it: a stage, or the user.
+ADVICE = dict(stage="delete it and rerun the stage that wrote it", user="export it again")
+
+
+def read_text(path, made_by="stage"):
+    """A text file that must be UTF-8 -> its text, or a one-line DataError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file missing") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; {ADVICE[made_by]} as UTF-8") from None
+
+
 def load_tensors(path):
     """Read a .safetensors file -> (dict of tensors, metadata dict). Never unpickles anything."""
     try:
@@ -1193,28 +1304,37 @@ def load_tensors(path):
         raise DataError(f"{path}: file missing") from None
     except Exception as e:
         raise DataError(
-            f"{path}: not a readable safetensors file ({type(e).__name__}); "
-            "delete it and rerun the stage that wrote it"
+            f"{path}: not a readable safetensors file ({type(e).__name__}); {ADVICE['stage']}"
         ) from None
 
 
-def load_png(path, res=None):
-    """-> rgb (3,H,W) composited on white, alpha (1,H,W) or None.
-    Checks the size when res is given."""
+MAX_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
+Image.MAX_IMAGE_PIXELS = None  # (PIL's own check would warn, or stop with a traceback)
+
+
+def load_png(path, res=None, made_by="stage"):
+    """An image file -> rgb (3,H,W) composited on white, alpha (1,H,W) or None. Checks the size
+    when res is given; 16-bit grey is read as such; anything else is a one-line DataError."""
+    path = Path(path)
+    if not path.is_file():  # missing, a folder, a FIFO...
+        raise DataError(f"{path}: not an image file")
     try:
         im = Image.open(path)
+        if im.width * im.height > MAX_PIXELS:
+            raise DataError(f"{path}: {im.width}x{im.height} pixels; shrink it to 4096 a side")
         im.load()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file missing") from None
+    except DataError:
+        raise
     except Exception:
-        raise DataError(
-            f"{path}: not a readable image; delete it and rerun the stage that wrote it"
-        ) from None
+        raise DataError(f"{path}: not a readable image; {ADVICE[made_by]} as PNG") from None
     if res is not None and im.size != (res, res):
         raise DataError(
             f"{path}: is {im.size[0]}x{im.size[1]}, expected {res}x{res}; "
             "regenerate it at this preset"
         )
+    if im.mode.startswith("I"):  # 16-bit grey: to 8 bits
+        grey = np.asarray(im, dtype=np.float32) / 65535 * 255
+        im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
     has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     x = torch.from_numpy(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255).permute(2, 0, 1)
     return (on_white(x[None])[0], x[3:]) if has_alpha else (x[:3], None)
@@ -1247,11 +1367,64 @@ def read_stage(folder, preset, hint):
 
 
 # ----------------------------------------------------------------------------------- object folders
+def safe_name(text, taken=()):
+    """A folder name made from a user's file name or caption: letters, digits, - and _ only (so
+    never "." or ".." or a path), at most 60 characters, and not one of `taken` (a suffix _2, _3
+    ... is added, said in one line)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:60] or "unnamed"
+    unique = name
+    k = 1
+    while unique in taken:
+        k += 1
+        unique = f"{name}_{k}"
+    if unique != name:
+        print(f"note: {text!r} gets the folder {unique}: {name} is taken")
+    return unique
+
+
+def running(pid):
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+@contextmanager
+def locked(folder, rank=0):
+    """Hold folder/.lock while a stage writes there (rank 0 holds it for all ranks): a second run
+    on the same folder stops at once with one line. A lock whose process died is taken over."""
+    lock = Path(folder) / ".lock"
+    if rank == 0:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        if lock.is_file():
+            pid = lock.read_text().strip()
+            if pid.isdigit() and running(int(pid)):
+                raise DataError(f"{folder}: another run (pid {pid}) writes here; wait for it")
+            lock.unlink()  # left by a run that was killed
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise DataError(f"{folder}: another run started writing here; wait for it") from None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+    try:
+        yield
+    finally:
+        if rank == 0:
+            lock.unlink(missing_ok=True)
+
+
 def write_object(folder, views, c2w, K, prompt, surface=None, info=None):
     """One object folder, written under a temporary name and renamed when complete.
     views (V,3|4,H,W) in [0,1]; c2w None for a web clip (no cameras); for real assets, surface =
     (points (N,3), colours (N,3)) and info = what object.json records (the category)."""
     folder = Path(folder)
+    if folder.name in ("", ".", "..") or folder.name.startswith("."):
+        raise DataError(f"{folder}: not a name for an object folder")  # safe_name makes them
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -1268,10 +1441,18 @@ def write_object(folder, views, c2w, K, prompt, surface=None, info=None):
     os.replace(tmp, folder)
 
 
+def object_folders(root, limit=None):
+    """The finished object folders (or clips) in root, sorted: those with a prompt.txt, never a
+    temporary folder (.<name>.tmp<pid>) that a killed run left behind."""
+    root = Path(root)
+    found = root.glob("*/prompt.txt") if root.is_dir() else []
+    return sorted(p.parent for p in found if not p.parent.name.startswith("."))[:limit]
+
+
 def load_object(folder, res=None, views=None, cameras=True):
     """Read one object folder (real or synthetic) -> dict(images (V,3,H,W) on white, masks (V,1,H,W)
-    or None, c2w (V,4,4), K (V,3,3), prompt). Checks image sizes and the view count. A web clip
-    (cameras False) has no cameras: its dict has none."""
+    or None, c2w (V,4,4), K (V,3,3), prompt). Checks image sizes, the view count and the cameras.
+    A web clip (cameras False) has no cameras: its dict has none."""
     folder = Path(folder)
     files = sorted(folder.glob("[0-9][0-9][0-9].png"))
     if not files:
@@ -1282,28 +1463,25 @@ def load_object(folder, res=None, views=None, cameras=True):
         )
     loaded = [load_png(p, res) for p in files]
     prompt_file = folder / "prompt.txt"
-    prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
+    prompt = read_text(prompt_file).strip() if prompt_file.is_file() else ""
     masks = torch.stack([a for _, a in loaded]) if all(a is not None for _, a in loaded) else None
     images = torch.stack([x for x, _ in loaded])
     if not cameras:
         return dict(images=images, masks=masks, prompt=prompt)
-    cams, _ = load_tensors(folder / "cameras.safetensors")
-    if cams.get("c2w", torch.zeros(0)).shape != (len(files), 4, 4):
-        raise DataError(
-            f"{folder / 'cameras.safetensors'}: c2w is not ({len(files)},4,4); "
-            "regenerate this object folder"
-        )
+    path = folder / "cameras.safetensors"
+    cams, _ = load_tensors(path)
+    shapes = dict(c2w=(len(files), 4, 4), intrinsics=(len(files), 3, 3))
+    for key, shape in shapes.items():
+        found = cams.get(key, torch.zeros(0))
+        if found.shape != shape or not torch.isfinite(found).all():
+            raise DataError(f"{path}: {key} is not finite of shape {shape}; regenerate the folder")
     return dict(images=images, masks=masks, c2w=cams["c2w"], K=cams["intrinsics"], prompt=prompt)
 
 
 def test_folders(data, n=None):
     """The held-out real assets: the first n (all when None) of test_seen, then of test_unseen."""
-    folders = []
-    for split in ("test_seen", "test_unseen"):
-        root = Path(data) / "assets" / split
-        found = sorted(p for p in root.glob("*/000.png")) if root.is_dir() else []
-        folders += [p.parent for p in found][:n]
-    return folders
+    split = ("test_seen", "test_unseen")
+    return [f for s in split for f in object_folders(Path(data) / "assets" / s, n)]
 
 
 def split_of(folder):
@@ -1338,25 +1516,43 @@ def print_table(rows):
 
 # The page's sections: title, stage folder under --out, the pictures in it, the command.
 PAGE = (
-    ("Stage 0: the world", "0_data", "categories.png preview.png", "python render.py"),
+    ("Stage 0: the world", "0_data", "categories.png preview.png videos.png", "python render.py"),
     ("Stage 1: video model", "1_video", "eval_grid.png eval.gif", "python finetune_video.py"),
     ("Stage 2: the data engine", "2_views", "preview.png", "python generate_views.py"),
     ("Stage 3: (B) synthetic only", "3_lrm", "samples/final.png", "python train_lrm.py"),
     ("Stage 4: (C) synthetic + real", "4_finetune", "samples/final.png", "python finetune_3d.py"),
     ("(A) real only", "4_from_scratch", "samples/final.png", "finetune_3d.py --from_scratch"),
-    ("Stage 5: image to 3D", "5_infer/demo", "input.png turntable.gif", "python infer.py --image"),
     ("Table: in | A | C | truth", "table", "compare_0.gif compare_1.gif", "finetune_3d.py --table"),
 )  # fmt: skip
 
 
-def metrics_html(rows):
-    """A metrics.json's rows as an HTML table, '-' where a key does not apply."""
-    keys = [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
+def metrics_html(path):
+    """A metrics.json's rows as an HTML table, '-' where a key does not apply; a file it cannot
+    read is said in a line, so one damaged file leaves the rest of the page."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        keys = [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
+        cells = {name: [f"{r[k]:.4f}" if k in r else "-" for k in keys] for name, r in rows.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"<p>{html.escape(str(path))}: unreadable ({type(e).__name__})</p>"
     lines = ["<table><tr>" + "".join(f"<th>{k}</th>" for k in ["row", *keys]) + "</tr>"]
-    for name, r in rows.items():
-        cells = [f"{r[k]:.4f}" if k in r else "-" for k in keys]
-        lines.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells))
+    for name, row in cells.items():
+        lines.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{c}</td>" for c in row))
     return "\n".join(lines) + "</table>"
+
+
+def page_sections(out):
+    """PAGE's sections, then stage 5's latest results (newest first, whatever their names) with
+    the command each was made by (its command.txt) -> (title, folder, pictures, command)."""
+    sections = list(PAGE)
+    results = [p for p in (Path(out) / "5_infer").glob("*/command.txt")]
+    for p in sorted(results, key=lambda p: p.stat().st_mtime, reverse=True)[:6]:
+        command = p.read_text(errors="replace").strip()
+        pictures = "input.png turntable.gif"
+        sections.append(
+            (f"Stage 5: {p.parent.name}", f"5_infer/{p.parent.name}", pictures, command)
+        )
+    return sections
 
 
 def write_index(out):
@@ -1366,15 +1562,15 @@ def write_index(out):
     style = "img{image-rendering:pixelated;margin:4px}td,th{padding:2px 8px;text-align:right}"
     parts = [f"<!doctype html><meta charset='utf-8'><title>VFusion3D</title><style>{style}</style>"]
     parts.append(f"<h1>VFusion3D, workshop edition: {html.escape(str(out))}</h1>")
-    for title, folder, pictures, command in PAGE:
+    for title, folder, pictures, command in page_sections(out):
         root = Path(out) / folder
         found = [p for p in pictures.split() if (root / p).is_file()]
         if not found:
             continue
         parts.append(f"<h2>{html.escape(title)}</h2><pre>{html.escape(command)}</pre>")
-        parts += [f"<img src='{folder}/{p}' alt='{p}'>" for p in found]
+        parts += [f"<img src='{html.escape(folder)}/{p}' alt='{p}'>" for p in found]
         if (root / "metrics.json").is_file():
-            parts.append(metrics_html(json.loads((root / "metrics.json").read_text())["rows"]))
+            parts.append(metrics_html(root / "metrics.json"))
     write_text(Path(out) / "index.html", "\n".join(parts) + "\n")
 
 
@@ -1427,7 +1623,8 @@ def ply_elements(path, head):
 def read_ply(path):
     """A .ply, ascii or binary little-endian (whose faces must share one vertex count) -> vertices
     (V,3), triangles (F,3), vertex colours (V,3) in [0,1] when it has red, green and blue."""
-    head, _, body = Path(path).read_bytes().partition(b"end_header\n")
+    parts = re.split(rb"end_header\r?\n", Path(path).read_bytes(), maxsplit=1)  # LF or CRLF
+    head, body = parts if len(parts) == 2 else (parts[0], b"")
     fmt, ((_, nv, vprops), (_, nf, fprops), *_) = ply_elements(path, head)
     names = [name for name, _, _ in vprops]
     if fmt == "ascii":
@@ -1464,8 +1661,12 @@ def load_mesh(path, max_faces, up):
     is wrong with a file that cannot be used."""
     try:
         v, f, rgb = read_obj(path) if path.suffix.lower() == ".obj" else read_ply(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); check the file") from None
     except (ValueError, IndexError, KeyError, TypeError, StopIteration) as e:
         raise DataError(f"{path}: not a readable mesh ({e}); export it again as OBJ or PLY")
+    if rgb is not None and rgb.max() > 1:  # colours in 0..255, as in most PLY files
+        rgb = rgb / 255
     if len(f) == 0:
         raise DataError(f"{path}: no faces (a point cloud?); only triangle meshes are rendered")
     if len(f) > max_faces:
@@ -1474,11 +1675,14 @@ def load_mesh(path, max_faces, up):
         raise DataError(f"{path}: a face or vertex is out of range; the file is damaged")
     if up == "y":
         v = v[:, [0, 2, 1]] * torch.tensor([1.0, -1.0, 1.0])  # (x, y, z) -> (x, -z, y)
+    v = v.double()  # (the framing of a mesh a 1e38 wide would overflow in float32)
     v = v - (v.min(0).values + v.max(0).values) / 2
-    size = v.norm(dim=-1).max()
-    if size < 1e-9:
-        raise DataError(f"{path}: every vertex is at one point; nothing to render")
-    return v * (FRAME_FILL / size), f, rgb
+    v = (v * (FRAME_FILL / v.norm(dim=-1).max())).float()
+    a, b, c = v[f].unbind(1)
+    area = torch.linalg.cross(b - a, c - a).norm(dim=-1).sum() / 2
+    if not torch.isfinite(v).all() or area < 1e-6:
+        raise DataError(f"{path}: its triangles have no area to render; check the file")
+    return v, f, rgb
 
 
 # -------------------------------------------------------------------------- a ray tracer for meshes
@@ -1549,16 +1753,23 @@ def render_mesh(v, f, rgb, c2w, K, res, supersample=2):
 
 
 # ------------------------------------------------------------------------------- stage 0 for meshes
-def mesh_name(src, path):
-    """The object folder's name of a mesh file: its path under --meshes, "/" as "_"."""
-    return "_".join(path.relative_to(src).with_suffix("").parts)
+def mesh_names(src, files):
+    """Each mesh file's object folder: its path under --meshes, "/" as "_", made safe (safe_name);
+    two files that would share a folder get a suffix -> {file: name}."""
+    names = {}
+    for path in files:
+        names[path] = safe_name(
+            "_".join(path.relative_to(src).with_suffix("").parts), names.values()
+        )
+    return names
 
 
 def mesh_caption(path):
     """A mesh's caption: <name>.txt or prompt.txt beside it, else its file name in words."""
-    for text in (path.with_suffix(".txt"), path.parent / "prompt.txt"):
-        if text.is_file() and text.read_text().strip():
-            return text.read_text().strip().splitlines()[0]
+    for file in (path.with_suffix(".txt"), path.parent / "prompt.txt"):
+        text = read_text(file, "user").strip() if file.is_file() else ""
+        if text:
+            return text.splitlines()[0][:300]
     return re.sub(r"[_\-.]+", " ", path.stem).strip()
 
 
@@ -1583,20 +1794,24 @@ def import_meshes(cfg, root):
         raise DataError(f"{src}: no .obj or .ply files there; pass a folder of meshes")
     colour = parse_colour(cfg.mesh_colour)  # (3,)
     c2w, K = orbit(cfg.views)
-    todo = [p for p in files if not is_complete(root, mesh_name(src, p), cfg.views)]
+    names = mesh_names(src, files)
+    todo = [p for p in files if not is_complete(root, names[p], cfg.views)]
     skipped = []
     for path in progress(todo, desc="stage 0 meshes", unit="mesh"):
         try:
             v, f, rgb = load_mesh(path, cfg.max_faces, cfg.mesh_up)
+            caption = mesh_caption(path)
+            rgb = colour.expand_as(v) if rgb is None else rgb.clamp(0, 1)
+            views = render_mesh(v, f, rgb, c2w, K, cfg.res, cfg.supersample)
+            if views[:, 3].max() < 0.01:
+                raise DataError(f"{path}: renders no pixel from any view; check the file")
         except DataError as e:
             tqdm.write(f"skipped {e}")
             skipped.append(path)
             continue
-        rgb = colour.expand_as(v) if rgb is None else rgb.clamp(0, 1)
-        views = render_mesh(v, f, rgb, c2w, K, cfg.res, cfg.supersample)
         surface = sample_mesh(v, f, cfg.surface_points, 0, rgb)
         info = dict(category="own mesh", split="meshes", source=str(path))
-        write_object(root / mesh_name(src, path), views, c2w, K, mesh_caption(path), surface, info)
+        write_object(root / names[path], views, c2w, K, caption, surface, info)
     return len(files), len(todo) - len(skipped), len(skipped)
 
 
@@ -1608,7 +1823,8 @@ def bring_meshes(cfg):
     if cfg.mesh_up not in ("y", "z"):
         raise DataError(f"--mesh_up {cfg.mesh_up}: pick y or z")
     root = Path(cfg.out) / "0_data/meshes"
-    found, new, skipped = import_meshes(cfg, root)
+    with locked(root):
+        found, new, skipped = import_meshes(cfg, root)
     if skipped == found:
         raise DataError(f"{cfg.meshes}: none of its {found} meshes could be used (see above)")
     print(f"stage 0 meshes: {found} files, {new} rendered now, {skipped} skipped -> {root}")

@@ -261,11 +261,12 @@ def resume(cfg, job, lrm, opt):
     tensors, saved, meta = model.load_checkpoint(path, kind, f"python {job.stage}.py")
     if saved != resume_key(cfg):
         raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
-    start = int(meta["step"])
+    start = model.saved_step(meta, path, cfg.steps)
+    losses = json.loads(meta.get("losses", "[]"))
     model.load_weights(lrm, tensors, path, prefix="w.")
     model.restore_adam_state(opt, tensors, start)
     print(f"resuming {job.stage} from step {start}")
-    return start, json.loads(meta["losses"])
+    return start, losses
 
 
 # ----------------------------------------------------------------------------- loop
@@ -331,6 +332,7 @@ def train(cfg, job, lrm, opt, data, test, start, losses):
         shown = loss.detach().clone()
         if job.world > 1:
             dist.all_reduce(shown, op=dist.ReduceOp.AVG)
+        model.check_finite(shown, step, state)
         losses.append(round(shown.item(), 6))
         avg = shown.item() if avg is None else 0.95 * avg + 0.05 * shown.item()
         speed = (step + 1 - start) * cfg.batch / (time.time() - t0)

@@ -154,6 +154,7 @@ def test_train_spatial_trains_the_spatial_weights_too(tmp_path, stage1):
     (tmp_path / "1_video").mkdir()
     image = micro / "1_video/image_model.safetensors"
     flags = ["--phase", "video", "--image_model", image, "--train_spatial", "true"]
+    flags += ["--pretrained", micro / "1_video/pretrained_video.safetensors"]
     p = run_script("finetune_video.py", "--preset", "micro", "--out", tmp_path, *flags)
     assert "all parameters trained" in p.stdout
     before, _ = render.load_tensors(image)
