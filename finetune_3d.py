@@ -23,7 +23,6 @@ Run:    python finetune_3d.py                             (tiny: 1,200 steps, 9.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -92,7 +91,7 @@ def collect_runs(root):
     for row, stage in RUNS.items():
         path = root / stage / "metrics.json"
         if path.is_file():
-            m = json.loads(path.read_text())
+            m = render.read_json(path, "bash run_all.sh")
             for name, split in splits.items():
                 split["rows"][row] = part_of(m, name)["rows"]["lrm"]
             info[row] = dict(
@@ -106,7 +105,7 @@ def collect_runs(root):
             f"{root}: the experiment needs 4_from_scratch, 3_lrm and 4_finetune; "
             "run `bash run_all.sh` first"
         )
-    base = json.loads((root / "4_finetune/metrics.json").read_text())
+    base = render.read_json(root / "4_finetune/metrics.json", "python finetune_3d.py")
     for name, split in splits.items():
         of = part_of(base, name)
         split["n_objects"] = of["n_objects"]
@@ -163,7 +162,7 @@ def scaling_curve(cfg, name, splits, info, curve):
     for row in curve:
         if row in info:
             stage3 = Path(cfg.out) / Path(info[row]["stage_dir"]).parent / "3_lrm/metrics.json"
-            pts.append((json.loads(stage3.read_text())["train_objects"], row))
+            pts.append((render.read_json(stage3, "bash run_all.sh scaling")["train_objects"], row))
     if not pts:  # that curve's runs have not been made
         return
     body = [

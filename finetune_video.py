@@ -51,54 +51,54 @@ class Config:
     preset: str = "tiny"  # micro | tiny | small | paper
     out: str = "out"  # root holding the numbered stage folders
     device: str = "auto"  # auto | cpu | cuda | mps
-    seed: int = 0  # repeatable runs on one machine
+    seed: int = 0  # repeatable runs on one machine [0..]
     phase: str = "auto"  # image | classifier | pretrain | video | eval | auto (see phases_to_run)
     resume: bool = True  # continue from the last *_state.safetensors checkpoint if there is one
     # the UNet
     channels: str = "32,64,96"  # UNet channels per resolution level
     attn_res: str = "8"  # resolutions (pixels) with self- and cross-attention
     mv_attn_res: str = "8"  # where temporal attention spans all pixels of all frames ("" = none)
-    text_dim: int = 64  # text encoder width
+    text_dim: int = 64  # text encoder width [8..]
     # the image model (phase image, the stand-in for Emu): a text-to-image UNet on the single views
     image_model: str = ""  # the image model to start from ("" = out/1_video's, else weights/)
-    image_steps: int = 4000  # optimizer steps
-    image_batch: int = 64  # images per step (global, over all ranks)
-    image_lr: float = 5e-4  # peak learning rate
-    image_ema: float = 0.999  # EMA decay of the weights
+    image_steps: int = 4000  # optimizer steps [1..]
+    image_batch: int = 64  # images per step (global, over all ranks) [1..]
+    image_lr: float = 5e-4  # peak learning rate [0..]
+    image_ema: float = 0.999  # EMA decay of the weights [0..1]
     # the video prior (phase pretrain, EMU Video's step): temporal layers on the web clips
     pretrained: str = ""  # the video prior to start from ("" = out/1_video's, else weights/)
-    pretrain_steps: int = 6000  # optimizer steps
-    pretrain_batch: int = 8  # clips per step (global)
-    pretrain_lr: float = 2e-3  # peak learning rate of the temporal layers
-    pretrain_ema: float = 0.999  # EMA decay of the temporal weights
-    pretrain_holdout: float = 0.05  # share of the clips (the last ones) kept out to validate on
+    pretrain_steps: int = 6000  # optimizer steps [1..]
+    pretrain_batch: int = 8  # clips per step (global) [1..]
+    pretrain_lr: float = 2e-3  # peak learning rate of the temporal layers [0..]
+    pretrain_ema: float = 0.999  # EMA decay of the temporal weights [0..1]
+    pretrain_holdout: float = 0.05  # share of the clips (the last ones) held out [0..0.5]
     # the 3D fine-tune (phase video, Sec. 3.1): temporal layers on the real assets' orbits
     from_image_model: bool = False  # start from the bare image model, not the prior (ablation)
-    video_steps: int = 1000  # optimizer steps
-    video_batch: int = 4  # orbits per step (global)
-    video_lr: float = 5e-3  # peak learning rate of the temporal layers
-    video_ema: float = 0.99  # EMA decay of the temporal weights
+    video_steps: int = 1000  # optimizer steps [1..]
+    video_batch: int = 4  # orbits per step (global) [1..]
+    video_lr: float = 5e-3  # peak learning rate of the temporal layers [0..]
+    video_ema: float = 0.99  # EMA decay of the temporal weights [0..1]
     video_shift: bool = True  # start each training orbit at a random view (cyclic shift: 8x orbits)
     train_spatial: bool = False  # train every UNet weight (what the paper rejects)
     # shared by the training phases
-    t_power: float = 0.5  # video phases: noise levels t = u**p (p < 1: more at high noise)
-    warmup: int = 100  # linear warm-up steps, then cosine decay to 10%
-    cfg_drop: float = 0.1  # share of captions dropped in training (for classifier-free guidance)
-    ckpt_every: int = 250  # steps between resumable checkpoints
+    t_power: float = 0.5  # video phases: noise levels t = u**p (p < 1: more at high noise) [0.01..]
+    warmup: int = 100  # linear warm-up steps, then cosine decay to 10% [1..]
+    cfg_drop: float = 0.1  # share of captions dropped (classifier-free guidance learns) [0..1]
+    ckpt_every: int = 250  # steps between resumable checkpoints [1..]
     # sampling and evaluation
-    sample_steps: int = 10  # DDIM steps when sampling
-    guidance: float = 3.0  # classifier-free guidance on the text (image model: samples, baseline)
-    video_guidance: float = 1.0  # guidance of the video models (1 = off: frame 0 conditions them)
-    temperature: float = 0.2  # scale of the orbit sampler's start noise (1 = DDIM; lower = plainer)
-    n_eval: int = 50  # held-out assets of each split evaluated by phase eval
-    n_faithful: int = 96  # samples scored for caption faithfulness
-    sample_every: int = 2000  # steps between sample grids in samples/
+    sample_steps: int = 10  # DDIM steps when sampling [1..]
+    guidance: float = 3.0  # classifier-free guidance of the image model's samples [0..]
+    video_guidance: float = 1.0  # guidance of the video models (1 = off: frame 0 is enough) [0..]
+    temperature: float = 0.2  # orbit sampler's start-noise scale (1 = DDIM; less = plainer) [0..]
+    n_eval: int = 50  # held-out assets of each split evaluated by phase eval [1..]
+    n_faithful: int = 96  # samples scored for caption faithfulness [1..]
+    sample_every: int = 2000  # steps between sample grids in samples/ [1..]
     # the category classifier (phase classifier), the stand-in for the paper's DINO and CLIP
-    classifier_steps: int = 3000  # optimizer steps
-    classifier_batch: int = 64  # views per step
-    classifier_lr: float = 2e-3  # peak learning rate (warm-up, then cosine)
-    classifier_width: int = 32  # channels of its first stage (then 2x, 4x)
-    classifier_holdout: float = 0.1  # share of images/ (the last ones) kept out to validate on
+    classifier_steps: int = 3000  # optimizer steps [1..]
+    classifier_batch: int = 64  # views per step [1..]
+    classifier_lr: float = 2e-3  # peak learning rate (warm-up, then cosine) [0..]
+    classifier_width: int = 32  # channels of its first stage (then 2x, 4x) [8..]
+    classifier_holdout: float = 0.1  # share of images/ (the last ones) held out [0..0.5]
 
 
 # Each preset in three parts: the networks, the phases' training, sampling and evaluation.
@@ -131,7 +131,7 @@ def ints(s):
 def load_images(data, res):
     """All single views and their captions -> images (N,3,H,W) in [-1,1], captions list."""
     path = data / "images/captions.txt"
-    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = render.read_text(path).splitlines() if path.is_file() else []
     if not lines:
         raise render.DataError(f"{path}: missing or empty; run `python render.py` first")
     names, caps = zip(*(line.split("\t", 1) for line in lines))

@@ -38,25 +38,25 @@ class Config:
     preset: str = "tiny"  # micro | tiny | small | paper
     out: str = "out"  # root holding the numbered stage folders
     device: str = "auto"  # auto | cpu | cuda | mps
-    seed: int = 0  # repeatable runs on one machine
+    seed: int = 0  # repeatable runs on one machine [0..]
     prompts: str = ""  # text prompts, one a line ("" = <out>/0_data/prompts.txt)
     video_model: str = ""  # stage-1 video model ("" = <out>/1_video's; weights/ has a shipped one)
     image_model: str = ""  # its image model ("" = <out>/1_video's, else the shipped one)
     images: str = ""  # folder of PNG/JPG images used as first frames instead (+ captions.txt)
-    num: int = 1000  # prompts to turn into orbits (the first `num` of the file)
-    batch: int = 25  # orbits generated together
-    steps: int = 8  # DDIM steps of both samplers
-    guidance: float = 3.0  # classifier-free guidance of the text-to-image first frame
-    video_guidance: float = 1.0  # classifier-free guidance of the orbit (1 = off, half the cost)
-    temperature: float = 0.2  # orbit sampler's starting-noise scale (as stage 1's eval; 1 = DDIM)
+    num: int = 1000  # prompts to turn into orbits (the first `num` of the file) [1..]
+    batch: int = 25  # orbits generated together [1..]
+    steps: int = 8  # DDIM steps of both samplers [1..]
+    guidance: float = 3.0  # classifier-free guidance of the text-to-image first frame [0..]
+    video_guidance: float = 1.0  # guidance of the orbit (1 = off, half the cost) [0..]
+    temperature: float = 0.2  # orbit sampler's start-noise scale (1 = DDIM) [0..]
     filter: bool = True  # reject bad orbits (--no_filter keeps everything)
-    min_area: float = 0.01  # filter: smallest object share of any view
-    max_area: float = 0.75  # filter: largest object share of any view
-    max_jump: float = 0.6  # filter: largest relative change of object area between neighbours
-    max_drift: float = 0.25  # filter: largest mean-colour distance of a view from the first frame
-    min_category: float = 0.5  # filter: least share of views showing the prompt's category
-    min_color: float = 0.5  # filter: the same for its main colour (both skipped with no classifier)
-    n_eval: int = 50  # held-out assets whose (view 0, caption) orbits are scored
+    min_area: float = 0.01  # filter: smallest object share of any view [0..1]
+    max_area: float = 0.75  # filter: largest object share of any view [0..1]
+    max_jump: float = 0.6  # filter: largest relative change of area between neighbours [0..]
+    max_drift: float = 0.25  # filter: largest mean-colour distance from the first frame [0..]
+    min_category: float = 0.5  # filter: least share of views showing the prompt's category [0..1]
+    min_color: float = 0.5  # filter: the same for its main colour (needs the classifier) [0..1]
+    n_eval: int = 50  # held-out assets whose (view 0, caption) orbits are scored [1..]
 
 
 PRESETS = {
@@ -79,43 +79,60 @@ REASONS = (
 
 
 # ----------------------------------------------------------------------------- data
+MAX_CAPTION = 300  # characters of a caption kept (the text encoder reads 31 words)
+
+
 def read_prompts(cfg, data, res):
-    """-> list of (id, caption, first frame (3,H,W) in [0,1] or None). Every image is read (and
-    checked) before anything is generated, so a corrupt one stops the run with nothing written."""
+    """-> list of (id, caption, first frame (3,H,W) in [0,1] or None): the prompts file's lines,
+    or with --images its images (read_images)."""
     if cfg.images:
-        folder = Path(cfg.images)
-        if not folder.is_dir():
-            raise render.DataError(f"{folder}: not a folder of images; pass --images DIR")
-        images = (p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        files = sorted(images)[: cfg.num]
-        if not files:
-            raise render.DataError(f"{folder}: holds no .png/.jpg images")
-        caps = read_captions(folder / "captions.txt")
-        return [(p.stem, caps.get(p.stem, ""), load_first_frame(p, res)) for p in files]
+        return read_images(cfg, Path(cfg.images), res)
     path = Path(cfg.prompts or data / "prompts.txt")
-    try:
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise render.DataError(
-            f"{path}: unreadable prompts file ({type(e).__name__}); "
-            "pass --prompts FILE with one caption a line"
-        ) from None
+    if not path.is_file():
+        raise render.DataError(f"{path}: no such prompts file; pass --prompts FILE")
+    lines = [line.strip() for line in render.read_text(path, "user").splitlines() if line.strip()]
     if not lines:
         raise render.DataError(f"{path}: no prompts in it; write one caption a line")
-    return [(f"{i:05d}", c, None) for i, c in enumerate(lines[: cfg.num])]
+    if any(len(line) > MAX_CAPTION for line in lines):
+        print(f"warning: {path}: prompts past {MAX_CAPTION} characters are cut there")
+    return [(f"{i:05d}", c[:MAX_CAPTION], None) for i, c in enumerate(lines[: cfg.num])]
+
+
+def read_images(cfg, folder, res):
+    """--images DIR: each image a first frame, named by its file (made safe and unique), captioned
+    by captions.txt beside them; an image that cannot be used is skipped with a line."""
+    if not folder.is_dir():
+        raise render.DataError(f"{folder}: not a folder of images; pass --images DIR")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise render.DataError(f"{folder}: holds no .png/.jpg images")
+    captions = read_captions(folder / "captions.txt")
+    items = []
+    for path in files[: cfg.num]:
+        try:
+            frame = load_first_frame(path, res)
+        except render.DataError as e:
+            print(f"skipped {e}")
+            continue
+        name = render.safe_name(path.stem, [name for name, _, _ in items])
+        items.append((name, captions.get(path.stem, "")[:MAX_CAPTION], frame))
+    if not items:
+        raise render.DataError(f"{folder}: none of its images could be used (see above)")
+    return items
 
 
 def read_captions(path):
     """captions.txt beside the images, `<image name>\\t<caption>` a line -> {name: caption}."""
     if not path.is_file():
         return {}
-    return dict(line.split("\t", 1) for line in path.read_text().splitlines() if "\t" in line)
+    lines = render.read_text(path, "user").splitlines()
+    return dict(line.split("\t", 1) for line in lines if "\t" in line)
 
 
 def load_first_frame(path, res):
     """Any image -> (3,res,res) in [0,1]: RGBA composited on white, other sizes resized (with a
     warning)."""
-    rgb, _ = render.load_png(path)
+    rgb, _ = render.load_png(path, made_by="user")
     if rgb.shape[-1] != res or rgb.shape[-2] != res:
         print(f"warning: {path} is {rgb.shape[-1]}x{rgb.shape[-2]}, resized to {res}x{res}")
         rgb = F.interpolate(rgb[None], size=(res, res), mode="area")[0]
@@ -251,6 +268,20 @@ def done(out, name, views):
     return complete or (out / f"{name}.rejected").is_file()
 
 
+def check_outputs(out, items):
+    """A rerun may add to 2_views, never pass off another run's orbits as its own: every finished
+    orbit and rejected marker there must be of this run's prompt of the same id."""
+    captions = {name: caption for name, caption, _ in items}
+    made = {f.name: render.read_text(f / "prompt.txt") for f in render.object_folders(out)}
+    made |= {m.stem: (m.read_text().splitlines() + ["", ""])[1] for m in out.glob("*.rejected")}
+    stale = sorted(name for name, caption in made.items() if captions.get(name) != caption.strip())
+    if stale:
+        raise render.DataError(
+            f"{out}: holds orbits of other prompts ({stale[0]} and {len(stale) - 1} more); "
+            "delete it or pick another --out"
+        )
+
+
 def run_engine(cfg, engine, device, rank, world):
     """This rank's share of the prompts that are not done -> orbits, each kept as an object folder
     or rejected by the filter with a <id>.rejected marker naming the reason -> (orbits made,
@@ -277,7 +308,8 @@ def run_engine(cfg, engine, device, rank, world):
             if reason is None:
                 render.write_object(out / i, orbit, c2w, K, caption)
             else:
-                render.atomic_write(out / f"{i}.rejected", lambda t: t.write_text(reason + "\n"))
+                marker = f"{reason}\n{caption}\n"  # why, and of which prompt
+                render.atomic_write(out / f"{i}.rejected", lambda t: t.write_text(marker))
         made += len(chunk)
         bar.update(len(chunk))
         bar.set_postfix(orbits_per_min=f"{made / (time.time() - t0) * 60:.0f}", refresh=False)
@@ -326,8 +358,8 @@ def summarise(cfg, engine, made, seconds, device):
     """Rank 0, after every rank: the counts, the filter's statistics, the held-out evaluation ->
     meta.json, metrics.json, preview.png and a short report."""
     out = engine.out
-    kept = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "prompt.txt").is_file())
-    reasons = [p.read_text().strip() for p in out.glob("*.rejected")]
+    kept = [f.name for f in render.object_folders(out)]
+    reasons = [p.read_text().split("\n")[0] for p in out.glob("*.rejected")]
     stats = {r: reasons.count(r) for r in REASONS}
     scores = evaluate(cfg, engine, device)
     n = sum(s["n_objects"] for s in scores["splits"].values())
@@ -366,11 +398,13 @@ def main():
     cfg = render.parse_config(Config, PRESETS)
     device, rank, world = model.setup(cfg)
     engine = load(cfg, device, rank)
-    made, seconds = run_engine(cfg, engine, device, rank, world)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        summarise(cfg, engine, made, seconds, device)
+    with render.locked(engine.out, rank):
+        check_outputs(engine.out, engine.items)
+        made, seconds = run_engine(cfg, engine, device, rank, world)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            summarise(cfg, engine, made, seconds, device)
     model.teardown(world)
 
 

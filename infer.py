@@ -13,8 +13,8 @@ Run:    python infer.py --image out/0_data/assets/test_unseen/00000/000.png
         (inference needs no torchrun: one image at a time)
 """
 
-import json
-import re
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +33,22 @@ class Config:
     preset: str = "tiny"  # micro | tiny | small | paper (only picks the default image model)
     out: str = "out"  # root holding the numbered stage folders
     device: str = "auto"  # auto | cpu | cuda | mps
-    seed: int = 0  # noise of --prompt's first frame
+    seed: int = 0  # noise of --prompt's first frame [0..]
     image: str = ""  # an image file or folder of them (PNG/JPG; RGBA or a near-white background)
     prompt: str = ""  # a caption instead: stage 1's image model draws the first frame (text-to-3D)
     model: str = ""  # LRM checkpoint ("" = newest under --out: 4_finetune, then 3_lrm)
     name: str = ""  # output folder under <out>/5_infer ("" = from the input's name)
-    mesh_res: int = 64  # marching-cubes grid per side
+    mesh_res: int = 64  # marching-cubes grid per side [4..]
     mesh_level: float = 5.0  # surface level of density = scale * softplus(x - 1), per box unit
-    coarse: int = 2  # mesh grid read coarse to fine: every N-th point first (1 = every point)
-    turntable: int = 24  # turntable frames (elevation 20 degrees, the input view first)
-    render_res: int = 0  # turntable/view resolution, pixels (0 = the model's)
-    samples: int = 16  # turntable rays: coarse and fine samples each (training's; --eval: 32)
-    views: int = 8  # rendered views saved under views/
-    steps: int = 20  # DDIM steps for --prompt
-    guidance: float = 3.0  # classifier-free guidance for --prompt
+    coarse: int = 2  # read the mesh grid coarse to fine: every N-th point first (1 = all) [1..]
+    turntable: int = 24  # turntable frames (elevation 20 degrees, the input view first) [1..]
+    render_res: int = 0  # turntable/view resolution, pixels (0 = the model's) [0..]
+    samples: int = 16  # turntable rays: coarse and fine samples each (--eval: 32) [2..]
+    views: int = 8  # rendered views saved under views/ [0..]
+    steps: int = 20  # DDIM steps for --prompt [1..]
+    guidance: float = 3.0  # classifier-free guidance for --prompt [0..]
     eval: str = ""  # folder of real assets: score the model on them instead
-    n_eval: int = 0  # assets to score (0 = all)
+    n_eval: int = 0  # assets to score (0 = all) [0..]
     eval_prompts: str = ""  # text-to-3D judged, (A) beside (C): a prompts file, or "held_out"
 
 
@@ -77,15 +77,14 @@ def default_model(cfg):
     )
 
 
-def frame_object(rgb, res):
+def frame_object(rgb, res, path="the image"):
     """Find the object (non-white pixels), recentre it if off-centre, rescale it if much smaller or
     larger than the training framing (30-80% of the frame), resize: rgb (3,H,W) on white ->
     (3,res,res). A view already framed like the training data passes unchanged."""
     mask = render.object_mask(rgb)  # (H,W)
     if mask.float().mean() < 1e-3:
         raise render.DataError(
-            "no object found: the image is (almost) all white background; "
-            "pass an image with an object on white"
+            f"{path}: no object found, (almost) all white; pass an image with an object on white"
         )
     H, W = rgb.shape[1:]
     rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
@@ -111,18 +110,20 @@ def frame_object(rgb, res):
     return F.avg_pool2d(out, 2)[0].clamp(0, 1)
 
 
-def output_name(cfg, image=None, n_images=1):
+def output_name(cfg, image=None, n_images=1, taken=()):
     """The output folder's name under <out>/5_infer, for --prompt (image None) or one of n_images
-    images: --name when there is one input; else the caption's words joined by _ (60 characters at
-    most; "prompt" if none), an asset's view (000.png) with its folder's name (00000_000), any
-    other image its own."""
+    images: --name when there is one input; else the caption's words joined by _, an asset's view
+    (000.png) with its folder's name (00000_000), any other image its own; always made a safe
+    folder name, not one of `taken` (render.safe_name)."""
     if cfg.name and n_images == 1:
-        return cfg.name
-    if image is None:
-        return re.sub(r"[^a-z0-9]+", "_", cfg.prompt.lower()).strip("_")[:60] or "prompt"
-    if image.stem.isdigit():
-        return f"{image.parent.name}_{image.stem}"
-    return image.stem
+        text = cfg.name
+    elif image is None:
+        text = cfg.prompt.lower() or "prompt"
+    elif image.stem.isdigit():
+        text = f"{image.parent.name}_{image.stem}"
+    else:
+        text = image.stem
+    return render.safe_name(text, taken)
 
 
 def draw_first_frames(cfg, prompts, res, device):
@@ -163,11 +164,17 @@ def read_inputs(cfg, res, device):
         )
     out = []
     for p in files:
-        rgb, _ = render.load_png(p)
         try:
-            out.append((output_name(cfg, p, len(files)), frame_object(rgb, res)))
+            rgb, _ = render.load_png(p, made_by="user")
+            framed = frame_object(rgb, res, p)
         except render.DataError as e:
-            raise render.DataError(f"{p}: {e}") from None
+            if len(files) == 1:
+                raise
+            print(f"skipped {e}")  # one bad photo in a folder: the rest go on
+            continue
+        out.append((output_name(cfg, p, len(files), [name for name, _ in out]), framed))
+    if not out:
+        raise render.DataError(f"{src}: none of its images could be used (see above)")
     return out
 
 
@@ -185,8 +192,7 @@ def reconstruct(cfg, lrm, name, img, device):
     v, f, rgb = model.lrm_mesh(lrm, planes[0].float(), cfg.mesh_res, cfg.mesh_level, cfg.coarse)
     if len(f) == 0:
         # no surface: say so, with how dense the field gets (on a 16^3 grid) and what to try
-        g = torch.linspace(-1, 1, 16)
-        grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).view(1, -1, 3)
+        grid = render.grid_points(16).view(1, -1, 3)
         peak = lrm.field(planes, grid.to(device))[0].max().item()
         why = f"the density peaks at {peak:.2f}, under --mesh_level {cfg.mesh_level}"
         hint = f"an untrained model? pass --model, or try --mesh_level {peak / 2:.2f}"
@@ -195,6 +201,8 @@ def reconstruct(cfg, lrm, name, img, device):
     frames = turntable(lrm, planes, v.cpu(), (c2w, K), res, (cfg.samples, cfg.samples))
     times = dict(triplane=t1 - t0, mesh=t2 - t1, turntable=time.perf_counter() - t2)
     render.save_png(folder / "input.png", img)
+    command = " ".join(shlex.quote(arg) for arg in ["python", "infer.py", *sys.argv[1:]])
+    render.write_text(folder / "command.txt", command + "\n")  # for the run page
     render.write_obj(folder / "mesh.obj", v.cpu(), f.cpu(), rgb.cpu())
     render.write_ply(folder / "mesh.ply", v.cpu(), f.cpu(), rgb.cpu())
     render.write_glb(folder / "mesh.glb", v.cpu(), f.cpu(), rgb.cpu())
@@ -214,10 +222,18 @@ def reconstruct(cfg, lrm, name, img, device):
     return times
 
 
+def turntable_plain(lrm, planes, cameras, res, samples):
+    """The turntable frames (T,3,res,res) on white for cameras (c2w (T,4,4), K (T,3,3)): every
+    ray of every frame, one lrm.render."""
+    c2w, K = (z[None].to(planes.device) for z in cameras)
+    rgb, _ = lrm.render(planes, c2w, K, res, samples=samples, stratified=False)
+    return rgb[0].float().cpu()
+
+
 def turntable(lrm, planes, v, cameras, res, samples):
-    """The turntable frames (T,3,res,res) on white for cameras (c2w (T,4,4), K (T,3,3)). Only the
-    rays near the mesh are rendered: the pixels its vertices v (V,3) fall on, grown by 3 pixels
-    (docs/log.md: 51 dB or closer to the whole frame, in 0.44x its time); no mesh: every ray."""
+    """turntable_plain's frames to 51 dB or closer, in 0.44x its time (docs/log.md): only the
+    rays near the mesh are rendered, the pixels its vertices v (V,3) fall on grown by 3 pixels;
+    the rest is white (no mesh: every ray)."""
     c2w, K = cameras
     frames = torch.ones(len(c2w), 3, res * res)
     o, d = render.camera_rays(c2w, K, res)  # (T,res,res,3)
@@ -267,7 +283,7 @@ def evaluate(cfg, lrm, path, device, start):
         )
     clf = model.find_classifier(cfg.out, cfg.preset)
     scores, _ = model.evaluate_lrm(lrm, folders, device, cfg.mesh_res, cfg.mesh_level, clf)
-    name = cfg.name or f"eval_{path.parent.name}"
+    name = render.safe_name(cfg.name or f"eval_{path.parent.name}")
     seconds = round(time.perf_counter() - start, 1)
     metrics = dict(stage="infer", preset=cfg.preset, model=str(path), n_objects=len(folders))
     render.save_json(
@@ -282,7 +298,7 @@ def read_eval_prompts(cfg, world):
     seeds no stage uses (the sheet split's, far past the ones categories.png shows)."""
     if cfg.eval_prompts != "held_out":
         path = Path(cfg.eval_prompts)
-        lines = path.read_text().splitlines() if path.is_file() else []
+        lines = render.read_text(path, "user").splitlines() if path.is_file() else []
         if not [line for line in lines if line.strip()]:
             raise render.DataError(f"{path}: no such prompts file, or empty; one caption a line")
         return [line.strip() for line in lines if line.strip()]
@@ -358,7 +374,7 @@ def main():
     start = time.perf_counter()
     lrm, meta = model.load_lrm(path, "python train_lrm.py")
     lrm.to(device)
-    stage = json.loads(meta["stage"]) if "stage" in meta else "lrm"
+    stage = meta.get("stage", "lrm").strip('"')
     n = sum(p.numel() for p in lrm.parameters()) / 1e6
     print(f"loaded {path} ({stage}, {n:.2f}M parameters) in {time.perf_counter() - start:.2f} s")
     if cfg.eval:
@@ -366,7 +382,8 @@ def main():
     if not (cfg.image or cfg.prompt):
         raise render.DataError("nothing to do: pass --image FILE|DIR, --prompt TEXT, or --eval DIR")
     for name, img in read_inputs(cfg, lrm.config.res, device):
-        reconstruct(cfg, lrm, name, img, device)
+        with render.locked(Path(cfg.out) / "5_infer" / name):
+            reconstruct(cfg, lrm, name, img, device)
     render.write_index(cfg.out)
 
 

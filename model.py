@@ -483,17 +483,18 @@ class TriplaneBlock(nn.Module):
 class LRMConfig:
     """The LRM's hyperparameters; saved in every checkpoint's metadata, so it rebuilds itself."""
 
-    res: int = 32  # input image size, pixels (the planes have this resolution too)
-    patch: int = 4  # ViT patch size, pixels
-    enc_dim: int = 128  # ViT width
-    enc_layers: int = 4  # ViT blocks
-    dim: int = 128  # triplane transformer width
-    layers: int = 3  # triplane transformer blocks
-    heads: int = 4  # attention heads
-    tokens: int = 8  # triplane tokens per plane side (3 x tokens x tokens)
-    plane_ch: int = 32  # channels per plane after the x(res/tokens) transposed convolution
-    hidden: int = 64  # NeRF MLP width
-    density_scale: float = 10.0  # density = scale * softplus(x - 1), per box unit
+    # the network
+    res: int = 32  # input image size, pixels (the planes have this resolution too) [8..]
+    patch: int = 4  # ViT patch size, pixels [1..]
+    enc_dim: int = 128  # ViT width [8..]
+    enc_layers: int = 4  # ViT blocks [1..]
+    dim: int = 128  # triplane transformer width [8..]
+    layers: int = 3  # triplane transformer blocks [1..]
+    heads: int = 4  # attention heads [1..]
+    tokens: int = 8  # triplane tokens per plane side (3 x tokens x tokens) [1..]
+    plane_ch: int = 32  # channels per plane after the x(res/tokens) transposed convolution [1..]
+    hidden: int = 64  # NeRF MLP width [1..]
+    density_scale: float = 10.0  # density = scale * softplus(x - 1), per box unit [0..]
     token_init: str = "image"  # image (tokens start from the patch they project to) | learned
     plane_skip: int = 0  # channels of the pixel-aligned skip into the planes (0 = the paper's LRM)
 

@@ -1340,18 +1340,28 @@ def load_png(path, res=None, made_by="stage"):
     return (on_white(x[None])[0], x[3:]) if has_alpha else (x[:3], None)
 
 
-def read_meta(folder, hint):
-    """The meta.json of a finished stage folder,
-    or a one-line DataError naming the command to run."""
-    path = Path(folder) / "meta.json"
+def read_json(path, hint):
+    """A JSON object a stage wrote (meta.json, metrics.json), or a one-line DataError naming the
+    command to run."""
     try:
-        return json.loads(path.read_text())
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(
-            f"{folder}: missing or incomplete (no meta.json); run `{hint}` first"
-        ) from None
+        raise DataError(f"{path}: missing; run `{hint}` first") from None
     except ValueError:
-        raise DataError(f"{path}: corrupt; delete {folder} and run `{hint}` again") from None
+        found = None
+    if not isinstance(found, dict):
+        raise DataError(f"{path}: corrupt; delete its folder and run `{hint}` again")
+    return found
+
+
+def read_meta(folder, hint):
+    """The meta.json of a finished stage folder, whose config is read by the later stages."""
+    if not (Path(folder) / "meta.json").is_file():
+        raise DataError(f"{folder}: missing or incomplete (no meta.json); run `{hint}` first")
+    meta = read_json(Path(folder) / "meta.json", hint)
+    if not isinstance(meta.get("config"), dict):
+        raise DataError(f"{folder}/meta.json: corrupt; delete {folder} and run `{hint}` again")
+    return meta
 
 
 def read_stage(folder, preset, hint):
@@ -1442,10 +1452,10 @@ def write_object(folder, views, c2w, K, prompt, surface=None, info=None):
 
 
 def object_folders(root, limit=None):
-    """The finished object folders (or clips) in root, sorted: those with a prompt.txt, never a
-    temporary folder (.<name>.tmp<pid>) that a killed run left behind."""
+    """The object folders (or clips) in root, sorted: those with a first view, never a temporary
+    folder (.<name>.tmp<pid>) that a killed run left behind."""
     root = Path(root)
-    found = root.glob("*/prompt.txt") if root.is_dir() else []
+    found = root.glob("*/000.png") if root.is_dir() else []
     return sorted(p.parent for p in found if not p.parent.name.startswith("."))[:limit]
 
 

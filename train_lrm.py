@@ -29,53 +29,50 @@ import render
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
-class Config:
+class Config(model.LRMConfig):
+    """The network's fields (model.LRMConfig) come first, then the run's."""
+
+    res: int = 0  # input image size, pixels (0 = stage 0's; the planes have it too) [0..]
+    plane_skip: int = 16  # channels of a pixel-aligned skip into the planes (0 = the paper's) [0..]
+    # the run
     preset: str = "tiny"  # micro | tiny | small | paper
     out: str = "out"  # root holding the numbered stage folders
     device: str = "auto"  # auto | cpu | cuda | mps
-    seed: int = 0  # repeatable runs on one machine
+    seed: int = 0  # repeatable runs on one machine [0..]
     data: str = ""  # folder of object folders ("" = <out>/2_views)
-    max_objects: int = 0  # use only the first N objects of --data (0 = all; the scaling curve)
-    mix: int = 0  # also train on the first N synthetic orbits of <out>/2_views (stage 4 rehearsal)
+    max_objects: int = (
+        0  # use only the first N objects of --data (0 = all; the scaling curve) [0..]
+    )
+    mix: int = 0  # also train on the first N orbits of <out>/2_views (stage 4 rehearsal) [0..]
     init: str = ""  # checkpoint to start from ("" = random weights)
     stage_dir: str = "3_lrm"  # output folder under --out
     resume: bool = True  # continue from <stage_dir>/lrm_state.safetensors if present
-    patch: int = 4  # ViT patch size, pixels
-    enc_dim: int = 128  # ViT width
-    enc_layers: int = 4  # ViT blocks
-    dim: int = 128  # triplane transformer width
-    layers: int = 3  # triplane transformer blocks
-    heads: int = 4  # attention heads
-    tokens: int = 8  # triplane tokens per plane side (3 x tokens x tokens)
-    plane_ch: int = 32  # channels per plane after the x(res/tokens) transposed convolution
-    hidden: int = 64  # NeRF MLP width
-    density_scale: float = 10.0  # density = scale * softplus(x - 1), per box unit
-    token_init: str = "image"  # image (tokens start from the patch they project to) | learned
-    plane_skip: int = 16  # channels of a pixel-aligned skip into the planes (0 = the paper's LRM)
-    steps: int = 3400  # optimizer steps
-    batch: int = 8  # objects per step (global, over all ranks)
-    views: int = 4  # target views per object
+    # training
+    steps: int = 3400  # optimizer steps [1..]
+    batch: int = 8  # objects per step (global, over all ranks) [1..]
+    views: int = 4  # target views per object [1..]
     input_target: bool = True  # the input view is always one of the targets
     random_source: bool = True  # any view of an orbit may be the input (canonicalised)
-    lr: float = 2e-3  # peak learning rate (AdamW, betas 0.9/0.95)
-    warmup: int = 100  # linear warm-up steps, then cosine decay to 10%
-    weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, tokens)
-    low_res: int = 16  # multi-stage: render resolution of the first stage (whole views)
-    low_frac: float = 0.5  # share of the steps in the low-resolution stage (0 = none)
-    crop: int = 16  # second stage: crop size rendered at full resolution, pixels
-    n_coarse: int = 16  # coarse samples per ray (no gradient: they place the fine ones)
-    n_fine: int = 8  # importance samples per ray
+    lr: float = 2e-3  # peak learning rate (AdamW, betas 0.9/0.95) [0..]
+    warmup: int = 100  # linear warm-up steps, then cosine decay to 10% [1..]
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, tokens) [0..]
+    low_res: int = 16  # multi-stage: render resolution of the first stage (whole views) [1..]
+    low_frac: float = 0.5  # share of the steps in the low-resolution stage (0 = none) [0..1]
+    crop: int = 16  # second stage: crop size rendered at full resolution, pixels [1..]
+    n_coarse: int = 16  # coarse samples per ray (no gradient: they place the fine ones) [2..]
+    n_fine: int = 8  # importance samples per ray [0..]
     stratified: bool = True  # jitter the coarse samples
-    bf16: bool = False  # bf16 autocast on the CPU too (1.16x at tiny where the CPU has native bf16)
-    w_pixel: float = 0.0  # pixel MSE weight (the paper drops it for synthetic views)
-    w_ssim: float = 1.0  # image-level (1 - SSIM) loss weight
-    w_mask: float = 1.0  # opacity loss weight (against alpha or the non-white pixels)
-    cam_noise: float = 0.02  # std of the noise added to the 16-number source camera
-    n_eval: int = 50  # held-out assets evaluated at the end
-    mesh_res: int = 64  # marching-cubes grid for the evaluation meshes
-    mesh_level: float = 5.0  # density level of the mesh surface
-    sample_every: int = 250  # steps between sample renders
-    ckpt_every: int = 100  # steps between resumable checkpoints
+    bf16: bool = False  # bf16 autocast on the CPU too (1.16x at tiny with native bf16)
+    w_pixel: float = 0.0  # pixel MSE weight (the paper drops it for synthetic views) [0..]
+    w_ssim: float = 1.0  # image-level (1 - SSIM) loss weight [0..]
+    w_mask: float = 1.0  # opacity loss weight (against alpha or the non-white pixels) [0..]
+    cam_noise: float = 0.02  # std of the noise added to the 16-number source camera [0..]
+    # evaluation and checkpoints
+    n_eval: int = 50  # held-out assets evaluated at the end [1..]
+    mesh_res: int = 64  # marching-cubes grid for the evaluation meshes [4..]
+    mesh_level: float = 5.0  # density level of the mesh surface [0..]
+    sample_every: int = 250  # steps between sample renders [1..]
+    ckpt_every: int = 100  # steps between resumable checkpoints [1..]
 
 
 # Each preset in three parts: the network (LRMConfig's fields), the training, the evaluation.
@@ -99,9 +96,17 @@ SOURCE_LAST = 2  # above every key: the source is a target only when every view 
 
 
 def lrm_config(cfg, res):
-    """The LRM's hyperparameters (model.LRMConfig) from the Config fields of the same names."""
-    names = [f.name for f in dataclasses.fields(model.LRMConfig) if f.name != "res"]
-    return model.LRMConfig(res=res, **{name: getattr(cfg, name) for name in names})
+    """The LRM's hyperparameters: the Config's own (model.LRMConfig's fields) at the images' size
+    res, which every size flag must fit."""
+    fits = dict(patch=res % cfg.patch == 0, tokens=res % cfg.tokens == 0)
+    fits |= dict(low_res=res % cfg.low_res == 0, crop=cfg.crop <= res, res=cfg.res in (0, res))
+    for flag, ok in fits.items():
+        if not ok:
+            raise render.DataError(
+                f"--{flag} {getattr(cfg, flag)}: does not fit {res}-pixel images"
+            )
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(model.LRMConfig)}
+    return model.LRMConfig(**fields | dict(res=res))
 
 
 def resume_key(cfg):
@@ -135,7 +140,7 @@ def load_set(folder, res, hint, limit=None, dirs=None):
     """Every object folder under `folder` (or the list dirs) -> dict of tensors: images
     (N,V,3,H,W) in [0,1] on white, masks (N,V,1,H,W) (alpha where known, else the non-white
     pixels), c2w (N,V,4,4), K (N,V,3,3)."""
-    dirs = dirs or sorted(p.parent for p in Path(folder).glob("*/000.png") if p.is_file())[:limit]
+    dirs = dirs or render.object_folders(folder, limit)
     if not dirs:
         raise render.DataError(
             f"{folder}: no object folders (000.png, cameras.safetensors, ...); run `{hint}` first"
@@ -216,6 +221,7 @@ def build(cfg, job, hint):
     if cfg.mix and job.stage == "train_lrm":
         raise render.DataError("--mix is finetune_3d.py's: stage 3 already trains on 2_views")
     res = render.read_meta(Path(cfg.out) / "0_data", "python render.py")["config"]["res"]
+    config = lrm_config(cfg, res)  # the flags checked before any work
     check_data(job.data, cfg.preset, hint, required=not cfg.data)
     data = load_set(job.data, res, hint, cfg.max_objects or None)
     if cfg.mix:
@@ -225,7 +231,7 @@ def build(cfg, job, hint):
             data[k] = data[k] + more[k] if k == "dirs" else torch.cat([data[k], more[k]])
     held_out = render.test_folders(Path(cfg.out) / "0_data", cfg.n_eval)  # seen, then unseen
     test = load_set(Path(cfg.out) / "0_data/assets", res, "python render.py", dirs=held_out)
-    lrm = model.LRM(lrm_config(cfg, res))
+    lrm = model.LRM(config)
     if cfg.init:
         init, _ = model.load_lrm(cfg.init, "python train_lrm.py")
         if init.config != lrm.config:
@@ -262,7 +268,10 @@ def resume(cfg, job, lrm, opt):
     if saved != resume_key(cfg):
         raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
     start = model.saved_step(meta, path, cfg.steps)
-    losses = json.loads(meta.get("losses", "[]"))
+    try:
+        losses = list(json.loads(meta.get("losses", "[]")))
+    except (ValueError, TypeError):
+        raise render.DataError(f"{path}: damaged; delete it or pass --resume false") from None
     model.load_weights(lrm, tensors, path, prefix="w.")
     model.restore_adam_state(opt, tensors, start)
     print(f"resuming {job.stage} from step {start}")
@@ -375,18 +384,21 @@ def finish(cfg, job, lrm, data, test, seconds):
 
 def run(cfg, stage="train_lrm", hint="python generate_views.py"):
     """Train (or fine-tune) an LRM as cfg says: build (data, model), optimiser, loop, finish."""
+    if not cfg.stage_dir or Path(cfg.stage_dir).is_absolute() or ".." in Path(cfg.stage_dir).parts:
+        raise render.DataError(f"--stage_dir {cfg.stage_dir!r}: give a folder inside --out")
     device, rank, world = model.setup(cfg)
     data_dir = Path(cfg.data or Path(cfg.out) / "2_views")
     job = Job(stage, Path(cfg.out) / cfg.stage_dir, data_dir, device, rank, world)
-    data, test, lrm = build(cfg, job, hint)
-    opt = make_optimizer(cfg, lrm)
-    start, losses = resume(cfg, job, lrm, opt)
-    seconds = train(cfg, job, lrm, opt, data, test, start, losses)
-    if rank == 0:
-        finish(cfg, job, lrm, data, test, seconds)
-        done = cfg.steps - start
-        speed = f"{done * cfg.batch / seconds:.1f} objects/s"
-        print(f"{stage} done: {done} steps in {seconds / 60:.1f} min ({speed}) -> {job.out}")
+    with render.locked(job.out, rank):
+        data, test, lrm = build(cfg, job, hint)
+        opt = make_optimizer(cfg, lrm)
+        start, losses = resume(cfg, job, lrm, opt)
+        seconds = train(cfg, job, lrm, opt, data, test, start, losses)
+        if rank == 0:
+            finish(cfg, job, lrm, data, test, seconds)
+            done = cfg.steps - start
+            speed = f"{done * cfg.batch / seconds:.1f} objects/s"
+            print(f"{stage} done: {done} steps in {seconds / 60:.1f} min ({speed}) -> {job.out}")
     model.teardown(world)
     return job.out
 
