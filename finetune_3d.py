@@ -60,17 +60,19 @@ RUNS = {
     "A_3d_only": "4_from_scratch",
     "B_synthetic_only": "3_lrm",
     "C_synthetic_then_3d": "4_finetune",
+    "C_synthetic_sixteenth": "scaling/sixteenth/4_finetune",
     "C_synthetic_quarter": "scaling/quarter/4_finetune",
     "C_synthetic_half": "scaling/half/4_finetune",
     # `run_all.sh scarce`: 1/4 of the real assets
     "A_3d_only_scarce": "4_from_scratch_scarce",
     "C_synthetic_then_3d_scarce": "4_finetune_scarce",
+    "C_synthetic_sixteenth_scarce": "scaling/sixteenth/4_finetune_scarce",
     "C_synthetic_quarter_scarce": "scaling/quarter/4_finetune_scarce",
     "C_synthetic_half_scarce": "scaling/half/4_finetune_scarce",
 }
 
 
-SPLITS = {"all": "all test assets", "seen": "seen categories", "unseen": "unseen categories"}
+TABLE_SPLITS = {"all": "all test assets", "seen": "seen categories", "unseen": "unseen categories"}
 
 
 def part_of(metrics, name):
@@ -87,7 +89,8 @@ def collect_runs(root):
     """The `lrm` rows of each run made, then stage 4's baselines (copy the input, a sphere), over
     all test assets and the seen and unseen categories apart -> ({split: {"n_objects", "rows"}},
     each run's seconds, steps, train objects and folder)."""
-    splits, info = {name: {"rows": {}} for name in SPLITS}, {}
+    splits = {name: {"rows": {}} for name in TABLE_SPLITS}
+    info = {}
     for row, stage in RUNS.items():
         path = root / stage / "metrics.json"
         if path.is_file():
@@ -126,7 +129,7 @@ def write_table(cfg, table, splits, info):
     parts = []
     for name, split in splits.items():
         body = [[r, *cells(v)] for r, v in split["rows"].items()]
-        title = f"{SPLITS[name]} ({split['n_objects']})"
+        title = f"{TABLE_SPLITS[name]} ({split['n_objects']})"
         parts.append(f"### {title}\n\n" + markdown(["row", *render.METRIC_KEYS], body))
     seconds = round(sum(i["seconds"] for i in info.values()), 1)
     metrics = dict(stage="table", preset=cfg.preset, n_objects=splits["all"]["n_objects"])
@@ -139,7 +142,7 @@ def write_table(cfg, table, splits, info):
 
 def experiment_table(cfg):
     """out/table: the paper's comparison (A 3D only, B synthetic only, C synthetic then 3D) and the
-    scaling curve (C with a quarter, a half and all of the synthetic set), from each run's metrics;
+    scaling curve (C with 1/16, 1/4, 1/2 and all of the synthetic set), from each run's metrics;
     the same with a quarter of the real assets (`_scarce`) where `run_all.sh scarce` has run."""
     root = Path(cfg.out)
     table = root / "table"
@@ -147,7 +150,8 @@ def experiment_table(cfg):
     write_table(cfg, table, splits, info)
     # the scaling curves: all of the real assets, then a quarter
     for real in ("", "_scarce"):
-        curve = [f"C_synthetic_{part}{real}" for part in ("quarter", "half", "then_3d")]
+        parts = ("sixteenth", "quarter", "half", "then_3d")
+        curve = [f"C_synthetic_{part}{real}" for part in parts]
         scaling_curve(cfg, table / f"scaling{real}", splits, info, curve)
         comparison_gifs(cfg, table, real)
     render.write_index(cfg.out)

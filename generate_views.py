@@ -174,7 +174,8 @@ def load(cfg, device, rank):
     """Stage 0's meta (the same preset, the orbit's size), the two models, the prompts."""
     data = Path(cfg.out) / "0_data"
     meta0 = render.read_stage(data, cfg.preset, "python render.py")
-    views, res = meta0["config"]["views"], meta0["config"]["res"]
+    views = meta0["config"]["views"]
+    res = meta0["config"]["res"]
     hint = "python finetune_video.py" + (f" --preset {cfg.preset}" if cfg.preset != "tiny" else "")
     image_path, path = stage1_models(cfg)
     image_unet = model.load_unet(image_path, "image_model", hint)[0].to(device).eval()

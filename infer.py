@@ -87,20 +87,24 @@ def frame_object(rgb, res, path="the image"):
             f"{path}: no object found, (almost) all white; pass an image with an object on white"
         )
     H, W = rgb.shape[1:]
-    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
-    cy, cx = (rows[0] + rows[-1] + 1).item() / 2, (cols[0] + cols[-1] + 1).item() / 2
+    rows = mask.any(1).nonzero()[:, 0]
+    cols = mask.any(0).nonzero()[:, 0]
+    cy = (rows[0] + rows[-1] + 1).item() / 2  # the centre of the object's box, pixels
+    cx = (cols[0] + cols[-1] + 1).item() / 2
     extent = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1).item() / max(H, W)  # size / frame
     centred = abs(cy - H / 2) < 0.15 * H and abs(cx - W / 2) < 0.15 * W
     if centred and 0.3 <= extent <= 0.8 and H == W == res:
         return rgb
     if centred:
-        cy, cx = H / 2, W / 2
+        cy = H / 2
+        cx = W / 2
     side = max(H, W) * extent / min(max(extent, 0.3), 0.8)  # square window to crop, pixels
     if side > 2 * res:  # area-downsample big images first
         s = 2 * res / side
         rgb = F.interpolate(rgb[None], scale_factor=s, mode="area", recompute_scale_factor=False)[0]
         H, W = rgb.shape[1:]
-        cy, cx = cy * s, cx * s
+        cy *= s
+        cx *= s
         side = side * s
     theta = [[side / W, 0, 2 * cx / W - 1], [0, side / H, 2 * cy / H - 1]]
     theta = torch.tensor(theta, dtype=torch.float32)
@@ -260,10 +264,8 @@ def judge_prompt(cfg, folder, frames):
         return print(f"not judged: {why}")
     scores = model.judge_views(clf, frames[None], [cfg.prompt])
     render.save_json(folder / "judged.json", dict(prompt=cfg.prompt) | scores)
-    thing, hue = (
-        render.CATEGORY_NAMES[category],
-        list(render.COLOURS)[colour] if colour >= 0 else "-",
-    )
+    thing = render.CATEGORY_NAMES[category]
+    hue = list(render.COLOURS)[colour] if colour >= 0 else "-"
     print(f"judged: {scores['category_acc']:.0%} of the turntable shows a {thing}, "
           f"{scores['color_acc']:.0%} is {hue}")  # fmt: skip
 

@@ -3,18 +3,24 @@ the training utilities every script shares. Imports render.py for cameras, march
 files. Paper: VFusion3D Sec. 3.1 (the video model: temporal layers on frozen spatial layers)
 and Sec. 3.2 (the LRM).
 
-Contents, in reading order (who uses each part):
-Part 1: the text encoder (the UNet)
-Part 2: the video UNet, spatial and temporal layers (finetune_video.py, generate_views.py, infer.py)
-Part 3: diffusion (the same)
-Part 4: the LRM, from the image to the pixels (train_lrm.py, finetune_3d.py, infer.py)
+Contents, in reading order:
+Part 1: the text encoder
+    used by the UNet
+Part 2: the video UNet, spatial and temporal layers
+    used by finetune_video.py, generate_views.py, infer.py --prompt
+Part 3: diffusion
+    used by the same
+Part 4: the LRM, from the image to the pixels
     the source camera | encoder and triplane transformer | reading the planes | volume rendering
-    | meshes and the image loss
-Part 5: the classifier (stage 1 trains it; stages 1, 2, 4, 5 score with it)
-Part 6: evaluation (every stage that evaluates)
-Part 7: training utilities and checkpoints, which you need not read to follow the method (every
-    script)
+    meshes and the image loss
+    used by train_lrm.py, finetune_3d.py, infer.py
+Part 5: the classifier
+    used by finetune_video.py (trains it), generate_views.py, train_lrm.py, infer.py (score with it)
+Part 6: evaluation
+    used by every stage that evaluates
+Part 7: training utilities and checkpoints, which you need not read to follow the method
     device, seeds, processes | the optimiser | checkpoints
+    used by every script
 
 Shapes: B batch, V views (a video's frames), N points or tokens, L caption tokens, R rays, S samples
 per ray, C channels, H W image rows and columns, P plane side.

@@ -22,15 +22,19 @@ Run:    python render.py                      (tiny preset, about 2.5 minutes on
 Paper:  the stand-in for Objaverse renders (VFusion3D Sec. 3.1 fine-tunes on orbit renders of 3D
         assets) and for the web's images, prompts and videos.
 
-Contents, in reading order (who uses each part):
-Part 1: stage 0, the world (render.py's main; the tests)
+Contents, in reading order:
+Part 1: stage 0, the world
     config | primitives | colours and light | categories | the exact renderer | web clips | stage 0
-Part 2: geometry the stages share (every stage)
+    used by render.py's main and the tests
+Part 2: geometry the stages share
     cameras | marching cubes | meshes out
-Part 3: utilities every script uses, which you need not read to follow the method (every script)
+    used by every stage
+Part 3: utilities every script uses, which you need not read to follow the method
     flags and errors | files | object folders | reports
-Appendix: your own meshes (render.py --meshes)
+    used by every script
+Appendix: your own meshes
     meshes in | a ray tracer for meshes | stage 0 for meshes
+    used by render.py --meshes
 
 Shapes: B batch, V views, N points, R rays, P parts, H W image rows and columns, C channels;
 (F,3) triangles (faces) of a mesh (in code, F is torch.nn.functional).

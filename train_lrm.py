@@ -174,7 +174,8 @@ def make_batch(cfg, data, step, res):
     targets (whole views at low resolution in the first stage, random crops later)."""
     g = torch.Generator().manual_seed(model.step_seed(cfg.seed, step))
     N, V = data["images"].shape[:2]
-    B, T = cfg.batch, min(cfg.views, V)  # objects, target views per object
+    B = cfg.batch  # objects
+    T = min(cfg.views, V)  # target views per object
     idx = torch.randint(N, (B,), generator=g)
     src = torch.randint(V, (B,), generator=g) if cfg.random_source else torch.zeros(B).long()
     key = SOURCE_FIRST if cfg.input_target else SOURCE_LAST
@@ -235,7 +236,8 @@ def build(cfg, job, hint):
     if cfg.init:
         init, _ = model.load_lrm(cfg.init, "python train_lrm.py")
         if init.config != lrm.config:
-            there, here = dataclasses.asdict(init.config), dataclasses.asdict(lrm.config)
+            there = dataclasses.asdict(init.config)
+            here = dataclasses.asdict(lrm.config)
             diff = ", ".join(
                 f"{k} {there[k]} there, {v} here" for k, v in here.items() if there[k] != v
             )
@@ -249,7 +251,8 @@ def build(cfg, job, hint):
 
 def make_optimizer(cfg, lrm):
     """AdamW, weight decay on weight matrices only (not biases, norms, triplane tokens, pos)."""
-    decay, nodecay = [], []
+    decay = []
+    nodecay = []
     for name, p in lrm.named_parameters():
         matrix = p.ndim >= 2 and "tokens" not in name and "pos" not in name
         (decay if matrix else nodecay).append(p)
@@ -285,7 +288,8 @@ def loss_fn(cfg, lrm, b, device):
     samples = (cfg.n_coarse, cfg.n_fine)
     rgb, acc = lrm(*inputs, b["res"], b["crop"], samples=samples, stratified=cfg.stratified)
     # rgb (B,T,3,h,w), acc (B,T,1,h,w)
-    target, mask = b["target"].to(device), b["mask"].to(device)
+    target = b["target"].to(device)
+    mask = b["mask"].to(device)
     pixel = F.mse_loss(rgb, target)
     ssim = model.ssim_loss(rgb.flatten(0, 1), target.flatten(0, 1))
     opacity = F.mse_loss(acc, mask)
