@@ -204,9 +204,8 @@ def comparison_gifs(cfg, table, real="", n=4, frames=24):
     if missing:
         print(f"table: no compare{real}_*.gif: {', '.join(missing)} not trained yet")
         return
-    meta0 = render.read_meta(root / "0_data", "python render.py")
-    c0 = render.Config(**meta0["config"])
-    res = meta0["config"]["res"]
+    c0 = render.read_world(root, cfg.preset)
+    res = c0.res
     models = [model.load_lrm(p, "python finetune_3d.py")[0] for p in paths]
     c2w, K = render.orbit(frames)
     cam = model.camera_vector(model.CANONICAL[None], K[:1])

@@ -428,7 +428,8 @@ def phase_classifier(cfg, stage):
         loss.backward()
         opt.step()
     clf = clf.cpu().eval()
-    scores = validate_classifier(stage.data, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
+    world = render.read_world(cfg.out, cfg.preset)
+    scores = validate_classifier(world, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
     if stage.rank == 0:
         info = dict(steps=steps, seconds=round(time.time() - t0), trained_on=len(views) - n_val)
         path = stage.out / "classifier.safetensors"
@@ -438,10 +439,9 @@ def phase_classifier(cfg, stage):
               f"{scores['color_acc']:.3f}; category by azimuth {by} -> {path}")  # fmt: skip
 
 
-def validate_classifier(data, clf, views, captions, first):
+def validate_classifier(world, clf, views, captions, first):
     """Held-out single views (image ids first..) -> category and colour accuracy, and category
     accuracy in 8 buckets of the camera's azimuth from the object's front (0 = facing it)."""
-    world = render.Config(**render.read_meta(data, "python render.py")["config"])
     category, colour = model.classify(clf, views)
     labels = torch.tensor([render.caption_labels(c) for c in captions])  # (N,2)
     hit = category == labels[:, 0]
@@ -682,9 +682,9 @@ def main():
     cfg = render.parse_config(Config, PRESETS)
     device, rank, world = model.setup(cfg)
     data = Path(cfg.out) / "0_data"
-    meta0 = render.read_stage(data, cfg.preset, f"python render.py --out {cfg.out}")
-    views = meta0["config"]["views"]
-    res = meta0["config"]["res"]
+    stage0 = render.read_world(cfg.out, cfg.preset)
+    views = stage0.views
+    res = stage0.res
     stage = Stage(data, Path(cfg.out) / "1_video", views, res, device, rank, world, time.time())
     (stage.out / "samples").mkdir(parents=True, exist_ok=True)
     phases = phases_to_run(cfg)

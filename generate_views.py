@@ -159,7 +159,7 @@ def stage1_models(cfg):
     own = Path(cfg.out) / "1_video"
     video = Path(cfg.video_model) if cfg.video_model else own / "video_model.safetensors"
     if not video.is_file():
-        shipped = model.WEIGHTS / f"video_model_{cfg.preset}.safetensors"
+        shipped = f"weights/video_model_{cfg.preset}.safetensors"
         raise render.DataError(
             f"{video}: missing; run `python finetune_video.py` first, "
             f"or pass --video_model {shipped} to start from the shipped one"
@@ -173,9 +173,9 @@ def stage1_models(cfg):
 def load(cfg, device, rank):
     """Stage 0's meta (the same preset, the orbit's size), the two models, the prompts."""
     data = Path(cfg.out) / "0_data"
-    meta0 = render.read_stage(data, cfg.preset, "python render.py")
-    views = meta0["config"]["views"]
-    res = meta0["config"]["res"]
+    stage0 = render.read_world(cfg.out, cfg.preset)
+    views = stage0.views
+    res = stage0.res
     hint = "python finetune_video.py" + (f" --preset {cfg.preset}" if cfg.preset != "tiny" else "")
     image_path, path = stage1_models(cfg)
     image_unet = model.load_unet(image_path, "image_model", hint)[0].to(device).eval()

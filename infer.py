@@ -332,13 +332,12 @@ def eval_prompts(cfg, device):
     first frame drawn by the image model, then (A) and (C) each turn it into a triplane whose
     orbit the classifier judges against the prompt, over all prompts and over the seen and
     unseen categories apart -> out/5_infer/eval_prompts/metrics.json and a table."""
-    meta0 = render.read_meta(Path(cfg.out) / "0_data", "python render.py")
-    world = render.Config(**meta0["config"])
+    world = render.read_world(cfg.out, cfg.preset)
     clf = model.find_classifier(cfg.out, cfg.preset)
     if clf is None:
         raise render.DataError("no classifier; run `python finetune_video.py --phase classifier`")
     prompts = read_eval_prompts(cfg, world)
-    firsts = draw_first_frames(cfg, prompts, meta0["config"]["res"], device)  # (N,3,H,W)
+    firsts = draw_first_frames(cfg, prompts, world.res, device)  # (N,3,H,W)
     seen = [render.caption_labels(p)[0] < world.categories_3d for p in prompts]
     splits = {"seen": [k for k, s in enumerate(seen) if s]}
     splits["unseen"] = [k for k, s in enumerate(seen) if not s]

@@ -82,8 +82,8 @@ class Config:
     device: str = "cpu"  # unused here (rendering runs on the CPU), kept for a uniform CLI
     categories_3d: int = 6  # categories with 3D assets: the first N of CATEGORIES [1..15]
     n_train: int = 400  # real 3D assets of those categories for training (scarce) [1..]
-    n_test_seen: int = 40  # held-out real assets of the same categories, evaluation only [1..]
-    n_test_unseen: int = 40  # held-out real assets of the other categories, evaluation only [1..]
+    n_test_seen: int = 40  # held-out real assets of the same categories, evaluation only [0..]
+    n_test_unseen: int = 40  # held-out real assets of the other categories, evaluation only [0..]
     n_images: int = 10000  # single views of other objects (the abundant 2D data) [1..]
     n_prompts: int = 2000  # captions of other objects (the "web-scale" prompts) [1..]
     n_videos: int = 0  # web clips, no cameras (only to retrain the video prior) [0..]
@@ -1359,13 +1359,10 @@ def read_json(path, hint):
 
 
 def read_meta(folder, hint):
-    """The meta.json of a finished stage folder, whose config is read by the later stages."""
+    """The meta.json of a finished stage folder, or a one-line DataError naming the command."""
     if not (Path(folder) / "meta.json").is_file():
         raise DataError(f"{folder}: missing or incomplete (no meta.json); run `{hint}` first")
-    meta = read_json(Path(folder) / "meta.json", hint)
-    if not isinstance(meta.get("config"), dict):
-        raise DataError(f"{folder}/meta.json: corrupt; delete {folder} and run `{hint}` again")
-    return meta
+    return read_json(Path(folder) / "meta.json", hint)
 
 
 def read_stage(folder, preset, hint):
@@ -1378,6 +1375,16 @@ def read_stage(folder, preset, hint):
             f"rerun `{hint}` with --preset {preset}"
         )
     return meta
+
+
+def read_world(out, preset):
+    """Stage 0's Config, from <out>/0_data/meta.json, which must be of this preset."""
+    hint = f"python render.py --out {out}"
+    meta = read_stage(Path(out) / "0_data", preset, hint)
+    try:
+        return Config(**meta["config"])
+    except (KeyError, TypeError):
+        raise DataError(f"{out}/0_data/meta.json: corrupt or of another version; run `{hint}`")
 
 
 # ----------------------------------------------------------------------------------- object folders
@@ -1781,7 +1788,11 @@ def mesh_names(src, files):
 def mesh_caption(path):
     """A mesh's caption: <name>.txt or prompt.txt beside it, else its file name in words."""
     for file in (path.with_suffix(".txt"), path.parent / "prompt.txt"):
-        text = read_text(file, "user").strip() if file.is_file() else ""
+        try:
+            text = read_text(file, "user").strip() if file.is_file() else ""
+        except DataError as e:
+            tqdm.write(f"warning: {e}; the caption is the file's name")
+            text = ""
         if text:
             return text.splitlines()[0][:300]
     return re.sub(r"[_\-.]+", " ", path.stem).strip()

@@ -40,9 +40,7 @@ class Config(model.LRMConfig):
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0  # repeatable runs on one machine [0..]
     data: str = ""  # folder of object folders ("" = <out>/2_views)
-    max_objects: int = (
-        0  # use only the first N objects of --data (0 = all; the scaling curve) [0..]
-    )
+    max_objects: int = 0  # only the first N objects of --data (0 = all; the scaling curve) [0..]
     mix: int = 0  # also train on the first N orbits of <out>/2_views (stage 4 rehearsal) [0..]
     init: str = ""  # checkpoint to start from ("" = random weights)
     stage_dir: str = "3_lrm"  # output folder under --out
@@ -216,13 +214,10 @@ def shard(batch, rank, world):
     return out
 
 
-def build(cfg, job, hint):
-    """The training set (checked against the preset), the held-out test assets, and the LRM at
-    stage 0's resolution: fresh, or with the weights of the --init checkpoint."""
-    if cfg.mix and job.stage == "train_lrm":
-        raise render.DataError("--mix is finetune_3d.py's: stage 3 already trains on 2_views")
-    res = render.read_meta(Path(cfg.out) / "0_data", "python render.py")["config"]["res"]
-    config = lrm_config(cfg, res)  # the flags checked before any work
+def build(cfg, job, hint, config):
+    """The training set (checked against the preset), the held-out test assets, and the LRM of
+    config: fresh, or with the weights of the --init checkpoint."""
+    res = config.res
     check_data(job.data, cfg.preset, hint, required=not cfg.data)
     data = load_set(job.data, res, hint, cfg.max_objects or None)
     if cfg.mix:
@@ -390,11 +385,14 @@ def run(cfg, stage="train_lrm", hint="python generate_views.py"):
     """Train (or fine-tune) an LRM as cfg says: build (data, model), optimiser, loop, finish."""
     if not cfg.stage_dir or Path(cfg.stage_dir).is_absolute() or ".." in Path(cfg.stage_dir).parts:
         raise render.DataError(f"--stage_dir {cfg.stage_dir!r}: give a folder inside --out")
+    if cfg.mix and stage == "train_lrm":
+        raise render.DataError("--mix is finetune_3d.py's: stage 3 already trains on 2_views")
+    config = lrm_config(cfg, render.read_world(cfg.out, cfg.preset).res)  # the flags checked
     device, rank, world = model.setup(cfg)
     data_dir = Path(cfg.data or Path(cfg.out) / "2_views")
     job = Job(stage, Path(cfg.out) / cfg.stage_dir, data_dir, device, rank, world)
     with render.locked(job.out, rank):
-        data, test, lrm = build(cfg, job, hint)
+        data, test, lrm = build(cfg, job, hint, config)
         opt = make_optimizer(cfg, lrm)
         start, losses = resume(cfg, job, lrm, opt)
         seconds = train(cfg, job, lrm, opt, data, test, start, losses)

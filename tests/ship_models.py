@@ -2,8 +2,8 @@
 into its metadata ("check"), so that tests/test_shipped.py fails when a code change breaks one.
 
 Run:  python tests/ship_models.py OUT      (after `bash run_all.sh tiny OUT`)
-Copies OUT/1_video/image_model, classifier and video_model, and OUT/4_finetune/lrm (experiment C)
-to weights/<name>_tiny.safetensors, each that exists.
+Copies OUT/1_video/image_model, classifier, pretrained_video and video_model, and
+OUT/4_finetune/lrm (experiment C) to weights/<name>_tiny.safetensors, each that exists.
 
 The check set: the first 4 assets of test_seen and of test_unseen of the tiny world, rendered by
 stage 0's own code; for the classifier, 128 held-out single views; for the image model, the
@@ -64,18 +64,19 @@ def check(kind, path, clf):
             lrm, _ = model.load_lrm(path, "x")
             return model.evaluate_lrm(lrm, folders, "cpu", clf=clf)[0]["rows"]["lrm"]
         unet, _ = model.load_unet(path, kind, "x")
-        true, caps = finetune_video.load_orbits(folders, unet.config.frames, unet.config.res)
-        ids, _ = unet.text.tokenize(caps)
-        gen = finetune_video.sample_orbits(cfg, unet.eval(), ids, true[:, 0], true.shape[1], 1.0, 0)
-        rows = finetune_video.score({"video_model": gen}, true, clf, caps)
-        return rows["video_model"]
+        views = unet.config.frames
+        res = unet.config.res
+        true, caps = finetune_video.load_videos(folders, views, res)
+        stage = finetune_video.Stage(None, None, views, res, torch.device("cpu"), 0, 1, 0.0)
+        gen = finetune_video.sample_orbits(cfg, unet.eval(), caps, true[:, 0], 1.0, stage)
+        rows = model.orbit_rows("video", (gen + 1) / 2, (true + 1) / 2, clf, caps)
+        return rows["video"]
 
 
 def main():
     out = Path(sys.argv[1])
-    sources = dict(
-        image_model="1_video", classifier="1_video", video_model="1_video", lrm="4_finetune"
-    )
+    sources = dict(image_model="1_video", classifier="1_video", pretrained_video="1_video")
+    sources |= dict(video_model="1_video", lrm="4_finetune")
     clf_path = out / "1_video/classifier.safetensors"
     clf = model.load_classifier(clf_path) if clf_path.is_file() else None
     for kind, stage in sources.items():

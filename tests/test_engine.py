@@ -101,7 +101,7 @@ def test_two_ranks_split_the_prompts(micro1, tmp_path):
         same_orbit(solo / "2_views" / name, out / "2_views" / name)
 
 
-@pytest.mark.parametrize("case", ["empty_prompts", "binary_prompts", "corrupt_image", "no_stage1"])
+@pytest.mark.parametrize("case", ["empty_prompts", "binary_prompts", "corrupt_images", "no_stage1"])
 def test_bad_inputs_get_one_line_errors_and_write_nothing(case, micro1, micro, tmp_path):
     stages = ("0_data",) if case == "no_stage1" else ("0_data", "1_video")
     out = linked_world(tmp_path / "run", micro1, stages)
@@ -112,10 +112,10 @@ def test_bad_inputs_get_one_line_errors_and_write_nothing(case, micro1, micro, t
     elif case == "binary_prompts":
         (tmp_path / "p.txt").write_bytes(bytes(range(256)) * 4)
         extra = ["--prompts", tmp_path / "p.txt"]
-    elif case == "corrupt_image":
+    elif case == "corrupt_images":  # (one bad image among good ones is skipped: test_hostile)
         (tmp_path / "imgs").mkdir()
-        (tmp_path / "imgs/a.png").write_bytes((micro / "0_data/images/00000.png").read_bytes())
-        (tmp_path / "imgs/b.png").write_bytes(b"\x89PNG broken")
+        (tmp_path / "imgs/a.png").write_bytes(b"\x89PNG broken")
+        (tmp_path / "imgs/b.png").write_bytes(b"not an image at all")
         extra = ["--images", tmp_path / "imgs"]
     p = run_script(*engine(out, *extra), check=False)
     assert one_line_error(p), p.stderr

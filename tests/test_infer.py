@@ -114,7 +114,8 @@ def test_inference_writes_every_file_and_meshes_parse_back(pipeline):
     assert "triplane" in p.stdout and "mesh" in p.stdout and "turntable" in p.stdout
     ov, of, oc = read_obj(folder / "mesh.obj")
     pv, pf, pc = read_ply(folder / "mesh.ply")
-    assert len(ov) > 0 and len(of) > 0 and np.allclose(ov, pv, atol=1e-4) and (of == pf).all()
+    z_up = ov[:, [0, 2, 1]] * np.array([1.0, -1.0, 1.0])  # the OBJ is +Y up, the PLY +z up
+    assert len(ov) > 0 and len(of) > 0 and np.allclose(z_up, pv, atol=1e-4) and (of == pf).all()
     assert oc.shape == (len(ov), 3) and 0 <= oc.min() and oc.max() <= 1
     assert np.abs(pc / 255 - oc).max() < 1 / 255 + 1e-3
     gltf, _ = read_glb(folder / "mesh.glb")

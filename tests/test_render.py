@@ -150,9 +150,9 @@ def test_obj_and_ply_round_trip(tmp_path):
     rgb = (v + 1) / 2
     render.write_obj(tmp_path / "m.obj", v, f, rgb)
     render.write_ply(tmp_path / "m.ply", v, f, rgb)
-    ov, of, oc = read_obj(tmp_path / "m.obj")
+    ov, of, oc = read_obj(tmp_path / "m.obj")  # +Y up: (x, y, z) written as (x, z, -y)
     assert (
-        np.allclose(ov, v.numpy(), atol=1e-5)
+        np.allclose(ov, (v[:, [0, 2, 1]] * torch.tensor([1.0, 1.0, -1.0])).numpy(), atol=1e-6)
         and (of == f.numpy()).all()
         and np.allclose(oc, rgb.numpy(), atol=1e-4)
     )

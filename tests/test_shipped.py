@@ -16,7 +16,9 @@ TOLERANCE |= dict(category_acc=0.03, color_acc=0.03)
 TOLERANCE |= dict(caption_faithfulness=0.07, caption_category=0.07)  # 2 of 32 samples
 
 
-@pytest.mark.parametrize("kind", ["image_model", "classifier", "video_model", "lrm"])
+@pytest.mark.parametrize(
+    "kind", ["image_model", "classifier", "pretrained_video", "video_model", "lrm"]
+)
 def test_shipped_model_scores_as_recorded(kind):
     path = ROOT / "weights" / f"{kind}_tiny.safetensors"
     assert path.is_file(), f"{path}: missing; ship it with tests/ship_models.py"
