@@ -68,14 +68,7 @@ PRESETS = {
 }
 
 # what judge() can return
-REASONS = (
-    "empty_view",
-    "flooded_view",
-    "area_jump",
-    "colour_drift",
-    "wrong_category",
-    "wrong_colour",
-)
+REASONS = "empty_view flooded_view area_jump colour_drift wrong_category wrong_colour".split()
 
 
 # ----------------------------------------------------------------------------- data
@@ -174,7 +167,7 @@ def load(cfg, device, rank):
     """Stage 0's meta (the same preset, the orbit's size), the two models, the prompts."""
     data = Path(cfg.out) / "0_data"
     stage0 = render.read_world(cfg.out, cfg.preset)
-    views = stage0.views
+    views = stage0.views  # the orbit's size
     res = stage0.res
     hint = "python finetune_video.py" + (f" --preset {cfg.preset}" if cfg.preset != "tiny" else "")
     image_path, path = stage1_models(cfg)
@@ -248,15 +241,8 @@ def generate(cfg, image_unet, video_unet, names, captions, firsts, device):
         # text -> first frame (factorised generation)
         first = model.sample(image_unet, ids, noise[:, :1], steps=cfg.steps, guidance=cfg.guidance)
         firsts = (first[:, 0].cpu() + 1) / 2
-    orbit = model.sample(
-        video_unet,
-        ids,
-        noise[:, 1:],
-        first=(firsts * 2 - 1).to(device),
-        steps=cfg.steps,
-        guidance=cfg.video_guidance,
-        temperature=cfg.temperature,
-    )
+    how = dict(steps=cfg.steps, guidance=cfg.video_guidance, temperature=cfg.temperature)
+    orbit = model.sample(video_unet, ids, noise[:, 1:], (firsts * 2 - 1).to(device), **how)
     return ((orbit.cpu() + 1) / 2).clamp(0, 1)
 
 
@@ -364,24 +350,13 @@ def summarise(cfg, engine, made, seconds, device):
     stats = {r: reasons.count(r) for r in REASONS}
     scores = evaluate(cfg, engine, device)
     n = sum(s["n_objects"] for s in scores["splits"].values())
-    metrics = dict(
-        stage="generate_views", preset=cfg.preset, seconds=round(seconds, 1), n_objects=n
-    )
-    render.save_json(out / "metrics.json", metrics | scores)
-    meta = dict(
-        stage="generate_views",
-        preset=cfg.preset,
-        config=dataclasses.asdict(cfg),
-        views=engine.views,
-        res=engine.res,
-        counts=dict(prompts=len(engine.items), kept=len(kept), rejected=len(reasons)),
-        filter=stats,
-        rejected_by_category=rejected_by_category(engine),
-        seconds=round(seconds, 1),
-        orbits_per_minute=round(made / max(seconds, 1e-6) * 60, 1),
-        world_version=render.WORLD_VERSION,
-        versions=dict(torch=torch.__version__),
-    )
+    head = dict(stage="generate_views", preset=cfg.preset, seconds=round(seconds, 1))
+    render.save_json(out / "metrics.json", head | dict(n_objects=n) | scores)
+    meta = head | dict(config=dataclasses.asdict(cfg), views=engine.views, res=engine.res)
+    meta["counts"] = dict(prompts=len(engine.items), kept=len(kept), rejected=len(reasons))
+    meta |= dict(filter=stats, rejected_by_category=rejected_by_category(engine))
+    meta["orbits_per_minute"] = round(made / max(seconds, 1e-6) * 60, 1)
+    meta |= dict(world_version=render.WORLD_VERSION, versions=dict(torch=torch.__version__))
     render.save_json(out / "meta.json", meta)
     if kept:
         render.contact_sheet(out / "preview.png", [out / k for k in kept[:8]])

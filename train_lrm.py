@@ -100,9 +100,7 @@ def lrm_config(cfg, res):
     fits |= dict(low_res=res % cfg.low_res == 0, crop=cfg.crop <= res, res=cfg.res in (0, res))
     for flag, ok in fits.items():
         if not ok:
-            raise render.DataError(
-                f"--{flag} {getattr(cfg, flag)}: does not fit {res}-pixel images"
-            )
+            raise render.DataError(f"--{flag} {getattr(cfg, flag)}: does not fit {res}px images")
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(model.LRMConfig)}
     return model.LRMConfig(**fields | dict(res=res))
 
@@ -140,16 +138,12 @@ def load_set(folder, res, hint, limit=None, dirs=None):
     pixels), c2w (N,V,4,4), K (N,V,3,3)."""
     dirs = dirs or render.object_folders(folder, limit)
     if not dirs:
-        raise render.DataError(
-            f"{folder}: no object folders (000.png, cameras.safetensors, ...); run `{hint}` first"
-        )
+        raise render.DataError(f"{folder}: no object folders (000.png, ...); run `{hint}` first")
     bar = render.progress(dirs, desc=f"loading {folder}", leave=False)
     objs = [render.load_object(d, res) for d in bar]
     views = {len(o["images"]) for o in objs}
     if len(views) != 1:
-        raise render.DataError(
-            f"{folder}: objects have different view counts {sorted(views)}; regenerate it"
-        )
+        raise render.DataError(f"{folder}: objects of different view counts {sorted(views)}")
     for o in objs:
         if o["masks"] is None:
             # no alpha channel: the non-white pixels
@@ -230,16 +224,12 @@ def build(cfg, job, hint, config):
     lrm = model.LRM(config)
     if cfg.init:
         init, _ = model.load_lrm(cfg.init, "python train_lrm.py")
-        if init.config != lrm.config:
+        if init.config != config:
             there = dataclasses.asdict(init.config)
-            here = dataclasses.asdict(lrm.config)
-            diff = ", ".join(
-                f"{k} {there[k]} there, {v} here" for k, v in here.items() if there[k] != v
-            )
-            raise render.DataError(
-                f"{cfg.init}: an LRM of another config ({diff}); "
-                "pass the same --preset and architecture flags"
-            )
+            here = dataclasses.asdict(config)
+            changed = [k for k in here if there[k] != here[k]]
+            diff = ", ".join(f"{k} {there[k]} there, {here[k]} here" for k in changed)
+            raise render.DataError(f"{cfg.init}: an LRM of another config ({diff}); pass its flags")
         lrm.load_state_dict(init.state_dict())
     return data, test, lrm.to(job.device).train()
 
