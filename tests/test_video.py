@@ -1,11 +1,13 @@
 """Stage 1: the text encoder, the UNet with temporal layers, the diffusion sampler, and
 finetune_video.py."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+import finetune_video
 import model
 import render
 from conftest import ROOT, kill_at_checkpoint, one_line_error, run_script
@@ -119,33 +121,55 @@ def test_both_video_steps_change_only_temporal_tensors(stage1):
     assert any(not torch.equal(video[k], prior[k]) for k in trained)
 
 
-@pytest.mark.parametrize("start", ["prior", "image_model"])
-def test_stage1_starts_from_the_video_prior_or_the_image_model(tmp_path, stage1, start):
-    """At learning rate 0 phase video keeps its start: the prior's temporal layers, or with
-    --from_image_model zero output projections (the image model frame by frame)."""
+def test_stage1_starts_from_the_video_prior(tmp_path, stage1):
+    """At learning rate 0 phase video keeps its start, the prior's temporal layers, to the byte."""
     micro, _ = stage1
     (tmp_path / "0_data").symlink_to(micro / "0_data")
     ours = micro / "1_video"
     flags = ["--phase", "video", "--image_model", ours / "image_model.safetensors"]
     flags += ["--pretrained", ours / "pretrained_video.safetensors", "--video_steps", "2"]
-    flags += ["--video_lr", "0", "--from_image_model", str(start == "image_model")]
-    run_script("finetune_video.py", "--preset", "micro", "--out", tmp_path, *flags)
+    run_script(
+        "finetune_video.py", "--preset", "micro", "--out", tmp_path, *flags, "--video_lr", "0"
+    )
     video, _ = render.load_tensors(tmp_path / "1_video/video_model.safetensors")
     prior, _ = render.load_tensors(ours / "pretrained_video.safetensors")
-    outs = [k for k in video if k.startswith("temporal.") and k.endswith("_out.weight")]
-    if start == "prior":
-        assert all(torch.equal(video[k], prior[k]) for k in video)
-    else:
-        assert outs and all((video[k] == 0).all() for k in outs)
+    assert video.keys() == prior.keys() and all(torch.equal(video[k], prior[k]) for k in video)
+
+
+def micro_stage(micro, out):
+    """finetune_video's Stage for the micro world, writing to out."""
+    views, res = render.PRESETS["micro"]["views"], render.PRESETS["micro"]["res"]
+    return finetune_video.Stage(micro / "0_data", out, views, res, torch.device("cpu"), 0, 1, 0.0)
+
+
+def test_from_image_model_starts_from_zero_temporal_layers(tmp_path, stage1):
+    """--from_image_model (the ablation): the image model with temporal layers that start at zero,
+    so it is the image model frame by frame; the prior's start differs from it."""
+    micro, _ = stage1
+    image = micro / "1_video/image_model.safetensors"
+    prior = micro / "1_video/pretrained_video.safetensors"
+    cfg = finetune_video.Config(preset="micro", image_model=str(image), pretrained=str(prior))
+    stage = micro_stage(micro, tmp_path)
+    unet, start = finetune_video.starting_model(
+        dataclasses.replace(cfg, from_image_model=True), stage
+    )
+    outs = [k for k in unet.state_dict() if k.startswith("temporal.") and k.endswith("_out.weight")]
+    assert start == "image_model" and outs
+    assert all((unet.state_dict()[k] == 0).all() for k in outs)
+    unet, start = finetune_video.starting_model(cfg, stage)
+    assert start == "pretrained_video" and any((unet.state_dict()[k] != 0).any() for k in outs)
 
 
 def test_the_video_prior_needs_web_clips(tmp_path, stage1):
     micro, _ = stage1
-    root = tmp_path / "world"
-    run_script("render.py", "--preset", "micro", "--out", root, "--n_videos", "0")
-    flags = ["--phase", "pretrain", "--image_model", micro / "1_video/image_model.safetensors"]
-    p = run_script("finetune_video.py", "--preset", "micro", "--out", root, *flags, check=False)
-    assert one_line_error(p) and "--n_videos" in p.stderr
+    (tmp_path / "0_data").mkdir()
+    (tmp_path / "0_data/videos").mkdir()  # no clip in it
+    image = micro / "1_video/image_model.safetensors"
+    cfg = finetune_video.Config(preset="micro", image_model=str(image))
+    stage = micro_stage(micro, tmp_path / "1_video")
+    stage.data = tmp_path / "0_data"
+    with pytest.raises(render.DataError, match="--n_videos"):
+        finetune_video.phase_pretrain(cfg, stage)
 
 
 def test_train_spatial_trains_the_spatial_weights_too(tmp_path, stage1):
