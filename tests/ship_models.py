@@ -5,7 +5,7 @@ Run:  python tests/ship_models.py OUT      (after `bash run_all.sh tiny OUT`)
 Copies OUT/1_video/image_model, classifier, pretrained_video and video_model, and
 OUT/4_finetune/lrm (experiment C) to weights/<name>_tiny.safetensors, each that exists.
 
-The check set: the first 4 assets of test_seen and of test_unseen of the tiny world, rendered by
+The check set: the first 2 assets of test_seen and of test_unseen of the tiny world, rendered by
 stage 0's own code; for the classifier, 128 held-out single views; for the image model, the
 first 32 prompts.
 """
@@ -24,7 +24,7 @@ import finetune_video  # noqa: E402
 import model  # noqa: E402
 import render  # noqa: E402
 
-N_ASSETS, N_VIEWS, N_PROMPTS = 4, 128, 32  # the check set's sizes
+N_ASSETS, N_VIEWS, N_PROMPTS = 2, 128, 32  # the check set's sizes
 
 
 def check_assets(root):

@@ -299,34 +299,16 @@ def test_two_ddp_processes_match_one_process(lrm_world, tmp_path):
 
 def test_bad_inputs_get_one_line_errors(lrm_world, micro, tmp_path):
     (tmp_path / "empty").mkdir()
-    p = run_script(
-        *train_args(lrm_world, "--data", tmp_path / "empty", "--stage_dir", "x"), check=False
-    )
+    p = run_script(*train_args(lrm_world, "--data", tmp_path / "empty"), check=False)
     assert one_line_error(p) and "no object folders" in p.stderr
-    p = run_script(
-        *train_args(
-            lrm_world,
-            "--init",
-            micro / "0_data/assets/train/00000/cameras.safetensors",
-            "--stage_dir",
-            "y",
-        ),
-        check=False,
-    )
-    assert one_line_error(p) and "expected 'lrm'" in p.stderr
-    run_script(*train_args(lrm_world, "--stage_dir", "z", "--steps", "1", "--n_eval", "1"))
-    p = run_script(
-        *train_args(
-            lrm_world,
-            "--init",
-            lrm_world / "z/lrm.safetensors",
-            "--enc_dim",
-            "16",
-            "--stage_dir",
-            "w",
-        ),
-        check=False,
-    )
+    cameras = micro / "0_data/assets/train/00000/cameras.safetensors"
+    with pytest.raises(render.DataError, match="expected 'lrm'"):
+        model.load_lrm(cameras, "python train_lrm.py")
+    # an LRM of the micro sizes, refused by a run of another width
+    lrm = micro_lrm()
+    model.save_checkpoint(tmp_path / "z.safetensors", lrm.state_dict(), "lrm", lrm.config)
+    flags = ["--init", tmp_path / "z.safetensors", "--enc_dim", "16", "--stage_dir", "w"]
+    p = run_script(*train_args(lrm_world, *flags), check=False)
     assert one_line_error(p) and "another config (enc_dim 32 there, 16 here)" in p.stderr
     p = run_script("finetune_3d.py", "--preset", "micro", "--out", tmp_path, check=False)
     assert one_line_error(p) and "render.py" in p.stderr
