@@ -76,18 +76,15 @@ def test_triplane_layout_and_lifted_tokens_agree():
     assert (depth > 0).all() and torch.allclose(lrm.token_uv.view(-1, 2), (uv * 2 - 1).clamp(-1, 1))
 
 
-def test_field_equals_decoding_grid_sampled_features():
-    """The first layer moved onto the texels gives grid_sample + decoder's numbers and gradients,
-    outside the box too (zero features there)."""
+def test_field_equals_the_plain_field():
+    """The first layer moved onto the texels (LRM.field) gives LRM.field_plain's numbers and
+    gradients (grid_sample, then the decoder), outside the box too (zero features there)."""
     lrm = micro_lrm()
     planes = torch.randn(2, 3, MICRO.plane_ch, 16, 16, requires_grad=True)
     pts = torch.rand(2, 300, 3) * 2.4 - 1.2
 
     def textbook():
-        uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 1)  # (B,3,N,2)
-        f = F.grid_sample(planes.flatten(0, 1), uv.flatten(0, 1)[:, None], align_corners=False)
-        out = lrm.decoder(f.view(2, -1, 300).transpose(1, 2))  # (B,N,4)
-        return MICRO.density_scale * F.softplus(out[..., 0] - 1), torch.sigmoid(out[..., 1:])
+        return lrm.field_plain(planes, pts)
 
     params = [planes, *lrm.decoder.parameters()]
     for (a, b), want in zip(zip(lrm.field(planes, pts), textbook()), ("density", "colour")):
@@ -312,3 +309,13 @@ def test_bad_inputs_get_one_line_errors(lrm_world, micro, tmp_path):
     assert one_line_error(p) and "another config (enc_dim 32 there, 16 here)" in p.stderr
     p = run_script("finetune_3d.py", "--preset", "micro", "--out", tmp_path, check=False)
     assert one_line_error(p) and "render.py" in p.stderr
+
+
+def test_attention_equals_the_plain_attention():
+    q, k, v = torch.randn(3, 2, 10, 16).unbind()
+    mask = torch.rand(2, 1, 1, 10) > 0.3
+    mask[..., 0] = True  # every query can read something
+    for m in (None, mask):
+        assert torch.allclose(
+            model.attend(q, k, v, 4, m), model.attend_plain(q, k, v, 4, m), atol=1e-5
+        )

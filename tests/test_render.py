@@ -393,3 +393,14 @@ def test_bad_inputs_get_one_line_errors(tmp_path, micro):
     assert one_line_error(
         run_script("render.py", "--preset", "huge", "--out", tmp_path, check=False)
     )
+
+
+def test_the_pairing_equals_the_plain_padded_union():
+    """scene_sdf over (ray, part) pairs gives scene_sdf_padded's distances and colours."""
+    objs = [render.make_object(s, s % len(render.CATEGORIES)) for s in range(16)]
+    packed = render.pack(objs)
+    obj = torch.arange(16).repeat_interleave(200)
+    pts = torch.rand(len(obj), 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fast = render.scene_sdf(pts, render.pair_up(obj, packed))
+    plain = render.scene_sdf_padded(pts, obj, packed)
+    assert torch.allclose(fast[0], plain[0], atol=1e-6) and torch.equal(fast[1], plain[1])
