@@ -662,6 +662,8 @@ def phases_to_run(cfg):
     or shipped (pretrain also after a new image model; not with --from_image_model), then video
     and eval."""
     if cfg.phase != "auto":
+        if cfg.phase not in PHASES:
+            raise render.DataError(f"--phase {cfg.phase}: pick auto or one of {', '.join(PHASES)}")
         return [cfg.phase]
     phases = []
     path = start_path(cfg.image_model, cfg, "image_model")

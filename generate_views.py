@@ -260,7 +260,8 @@ def check_outputs(out, items):
     orbit and rejected marker there must be of this run's prompt of the same id."""
     captions = {name: caption for name, caption, _ in items}
     made = {f.name: render.read_text(f / "prompt.txt") for f in render.object_folders(out)}
-    made |= {m.stem: (m.read_text().splitlines() + ["", ""])[1] for m in out.glob("*.rejected")}
+    marks = {m.stem: m.read_text(errors="replace").split("\n") for m in out.glob("*.rejected")}
+    made |= {name: (lines + [""])[1] for name, lines in marks.items()}
     stale = sorted(name for name, caption in made.items() if captions.get(name) != caption.strip())
     if stale:
         raise render.DataError(
@@ -346,7 +347,7 @@ def summarise(cfg, engine, made, seconds, device):
     meta.json, metrics.json, preview.png and a short report."""
     out = engine.out
     kept = [f.name for f in render.object_folders(out)]
-    reasons = [p.read_text().split("\n")[0] for p in out.glob("*.rejected")]
+    reasons = [p.read_text(errors="replace").split("\n")[0] for p in out.glob("*.rejected")]
     stats = {r: reasons.count(r) for r in REASONS}
     scores = evaluate(cfg, engine, device)
     n = sum(s["n_objects"] for s in scores["splits"].values())
@@ -360,6 +361,8 @@ def summarise(cfg, engine, made, seconds, device):
     render.save_json(out / "meta.json", meta)
     if kept:
         render.contact_sheet(out / "preview.png", [out / k for k in kept[:8]])
+    else:
+        print(f"warning: the filter kept no orbit ({stats}); stage 3 has nothing to train on")
     print(
         f"stage 2 done in {seconds / 60:.1f} min: {len(kept)} orbits kept, "
         f"{len(reasons)} rejected {stats} -> {out}"

@@ -1641,9 +1641,30 @@ def ply_elements(path, head):
     return fmt, elements
 
 
+def binary_faces(data, n, props, e):
+    """n binary PLY faces (a count, its vertex indices, then any other scalars) in byte order e
+    -> polygons: at once when all have the first's size, else one by one."""
+    count = np.dtype(e + props[0][2])
+    index = np.dtype(e + props[0][1])
+    others = [(name, e + t) for name, t, _ in props[1:]]
+    size = int(np.frombuffer(data, count, count=1)[0])
+    same = np.dtype([("n", count), ("i", index, size), *others])
+    if len(data) >= same.itemsize * n:
+        face = np.frombuffer(data, same, count=n)
+        if (face["n"] == size).all():
+            return face["i"].tolist()
+    polys = []
+    at = 0
+    for _ in range(n):
+        k = int(np.frombuffer(data, count, 1, at)[0])
+        polys.append(np.frombuffer(data, index, k, at + count.itemsize).tolist())
+        at += count.itemsize + k * index.itemsize + np.dtype(others).itemsize
+    return polys
+
+
 def read_ply(path):
-    """A .ply, ascii or binary little-endian (whose faces must share one vertex count) -> vertices
-    (V,3), triangles (F,3), vertex colours (V,3) in [0,1] when it has red, green and blue."""
+    """A .ply, ascii or binary (either byte order) -> vertices (V,3), triangles (F,3) (polygons cut
+    into fans), vertex colours (V,3) in [0,1] when it has red, green and blue."""
     parts = re.split(rb"end_header\r?\n", Path(path).read_bytes(), maxsplit=1)  # LF or CRLF
     head, body = parts if len(parts) == 2 else (parts[0], b"")
     fmt, ((_, nv, vprops), (_, nf, fprops), *_) = ply_elements(path, head)
@@ -1654,19 +1675,13 @@ def read_ply(path):
         vert = {name: vert[:, k] for k, name in enumerate(names)}
         rows = [row.split() for row in rows[nv : nv + nf]]
         polys = [[int(x) for x in row[1 : 1 + int(row[0])]] for row in rows]
-    elif fmt == "binary_little_endian":
-        vdt = np.dtype([(name, "<" + t) for name, t, _ in vprops])
+    elif fmt in ("binary_little_endian", "binary_big_endian"):
+        e = "<" if fmt == "binary_little_endian" else ">"  # the byte order
+        vdt = np.dtype([(name, e + t) for name, t, _ in vprops])
         vert = np.frombuffer(body, vdt, count=nv)
-        rest = body[vdt.itemsize * nv :]
-        count = int(np.frombuffer(rest, fprops[0][2], count=1)[0])  # the first face's size
-        fdt = [("n", fprops[0][2]), ("i", "<" + fprops[0][1], count)]
-        fdt += [(name, "<" + t) for name, t, _ in fprops[1:]]
-        face = np.frombuffer(rest, np.dtype(fdt), count=nf)
-        if (face["n"] != count).any():
-            raise DataError(f"{path}: faces of different sizes; export it with triangulated faces")
-        polys = face["i"].tolist()
+        polys = binary_faces(body[vdt.itemsize * nv :], nf, fprops, e)
     else:
-        raise DataError(f"{path}: PLY format {fmt!r}; export it as ascii or binary little-endian")
+        raise DataError(f"{path}: PLY format {fmt!r}; export it as ascii or binary")
     v = torch.tensor(np.stack([vert[a] for a in "xyz"], -1), dtype=torch.float32)
     faces = [(p[0], p[k], p[k + 1]) for p in polys for k in range(1, len(p) - 1)]
     rgb = None

@@ -98,6 +98,7 @@ def lrm_config(cfg, res):
     res, which every size flag must fit."""
     fits = dict(patch=res % cfg.patch == 0, tokens=res % cfg.tokens == 0)
     fits |= dict(low_res=res % cfg.low_res == 0, crop=cfg.crop <= res, res=cfg.res in (0, res))
+    fits["token_init"] = cfg.token_init in ("image", "learned")
     for flag, ok in fits.items():
         if not ok:
             raise render.DataError(f"--{flag} {getattr(cfg, flag)}: does not fit {res}px images")

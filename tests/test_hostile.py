@@ -203,9 +203,12 @@ def test_flags_are_checked_before_any_work(script, flags, flag):
     raises(lambda: render.parse_config(script.Config, script.PRESETS, flags), flag)
 
 
-def test_flags_that_must_fit_the_images(tmp_path):
+def test_flags_that_must_fit_the_images_or_name_a_choice(tmp_path):
     cfg = render.parse_config(train_lrm.Config, train_lrm.PRESETS, ["--crop", "64"])
     raises(lambda: train_lrm.lrm_config(cfg, 32), "--crop")
+    cfg = render.parse_config(train_lrm.Config, train_lrm.PRESETS, ["--token_init", "magic"])
+    raises(lambda: train_lrm.lrm_config(cfg, 32), "--token_init")
+    raises(lambda: finetune_video.phases_to_run(finetune_video.Config(phase="vidoe")), "--phase")
     cfg = render.parse_config(train_lrm.Config, train_lrm.PRESETS, ["--stage_dir", "../x"])
     raises(lambda: train_lrm.run(cfg), "--stage_dir")
 
@@ -373,6 +376,20 @@ def test_a_crlf_ply_loads_and_broken_meshes_are_said(mesh_run):
             assert (views < 0.9).any(), f"{name}: blank views, nothing said"
         else:
             assert f"{name}.obj" in p.stdout, f"{name}: dropped, nothing said"
+
+
+def test_any_valid_ply_loads(tmp_path):
+    """Binary big-endian, with a quad beside a triangle (faces of different sizes)."""
+    v = np.array([(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0), (0, 0, 1)], ">f4")
+    head = ["ply", "format binary_big_endian 1.0", "element vertex 5"]
+    head += [f"property float {a}" for a in "xyz"]
+    head += ["element face 2", "property list uchar int vertex_indices", "end_header", ""]
+    faces = bytes([4]) + np.array([0, 1, 2, 3], ">i4").tobytes()
+    faces += bytes([3]) + np.array([0, 1, 4], ">i4").tobytes()
+    (tmp_path / "be.ply").write_bytes("\n".join(head).encode() + v.tobytes() + faces)
+    verts, tris, _ = render.read_ply(tmp_path / "be.ply")
+    assert torch.equal(verts, torch.tensor(v.astype(np.float32)))
+    assert tris.tolist() == [[0, 1, 2], [0, 2, 3], [0, 1, 4]]
 
 
 def test_16_bit_grey_png_reads_right(tmp_path):
