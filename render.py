@@ -422,8 +422,8 @@ def pair_sdf(points, pairs):
 def scene_sdf(points, pairs):
     """The union of the primitives at points (R,3), from their (ray, part) pairs (pair_up)
     -> distance (R,) and palette index of the nearest part (R,). It gives scene_sdf_padded's
-    numbers for a sixth of its formula evaluations (each part meets only its own kind's formula
-    and its own object's points): stage 0 renders 3.4x faster."""
+    numbers for a tenth of its formula evaluations (each part meets only its own kind's formula
+    and its own object's points): the exact renderer runs 3.1x faster."""
     d = pair_sdf(points, pairs)
     dist = torch.full((pairs["n"],), float("inf")).scatter_reduce(0, pairs["ray"], d, "amin")
     colour = torch.zeros(pairs["n"], dtype=torch.long)
@@ -968,7 +968,7 @@ def extract_mesh_coarse(density_fn, res, level, coarse, chunk=2**13):
     points first, then only the points of the coarse cells the surface crosses, and of their
     neighbours, at full resolution; every other point keeps its nearest coarse value, which lies
     on the same side. A part is found if a coarse point lies inside it, so one thinner than
-    `coarse` steps may not be. At res 64 and coarse 2 it reads a fifth of the points."""
+    `coarse` steps may not be. At res 64 and coarse 2 an LRM's grid takes a quarter of the reads."""
     grid = grid_points(res)
     idx = torch.arange(res)
     keys = torch.unique(torch.cat([idx[::coarse], idx[-1:]]))  # the coarse grid's indices
