@@ -276,7 +276,10 @@ def train(cfg, unet, run, stage):
                 e.lerp_(p, 1 - run.ema)
 
         # log a running mean of the loss on the bar
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if avg is None:
+            avg = loss.item()
+        else:
+            avg = 0.98 * avg + 0.02 * loss.item()
         speed = (step + 1 - start) * x.shape[0] * stage.world / (time.time() - t0)
         bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{speed:.0f}", refresh=False)
 

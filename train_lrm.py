@@ -7,8 +7,7 @@ weights), an opacity loss against the object mask (--w_mask), noise on the sourc
 (--cam_noise), and the pixel loss as an option (--w_pixel, off for synthetic data as in the paper).
 
 Reads:  out/2_views/<id>/ (or any folder of object folders, --data), out/0_data/assets/test_*/
-Writes: out/3_lrm/lrm.safetensors, lrm_state.safetensors (for --resume), samples/, metrics.json,
-        meta.json
+Writes: out/3_lrm/: lrm.safetensors, lrm_state.safetensors (--resume), samples/, metrics.json, meta.json
 Run:    python train_lrm.py                              (tiny: 3,400 steps, 23.5 min at one thread)
         python train_lrm.py --preset micro --out /tmp/run    (seconds)
         torchrun --nproc_per_node=4 train_lrm.py --preset small --device cuda
@@ -273,9 +272,8 @@ def loss_fn(cfg, lrm, b, device):
     inputs = [b[k].to(device) for k in ("src", "cam", "c2w", "K")]
     samples = (cfg.n_coarse, cfg.n_fine)
     rgb, acc = lrm(*inputs, b["res"], b["crop"], samples=samples, stratified=cfg.stratified)
-    # rgb (B,T,3,h,w), acc (B,T,1,h,w)
-    target = b["target"].to(device)
-    mask = b["mask"].to(device)
+    target = b["target"].to(device)  # (B,T,3,h,w), as rgb
+    mask = b["mask"].to(device)  # (B,T,1,h,w), as acc, the opacity
     pixel = F.mse_loss(rgb, target)
     ssim = model.ssim_loss(rgb.flatten(0, 1), target.flatten(0, 1))
     opacity = F.mse_loss(acc, mask)
@@ -333,7 +331,10 @@ def train(cfg, job, lrm, opt, data, test, start, losses):
             dist.all_reduce(shown, op=dist.ReduceOp.AVG)
         model.check_finite(shown, step, state)
         losses.append(round(shown.item(), 6))
-        avg = shown.item() if avg is None else 0.95 * avg + 0.05 * shown.item()
+        if avg is None:
+            avg = shown.item()
+        else:
+            avg = 0.95 * avg + 0.05 * shown.item()
         speed = (step + 1 - start) * cfg.batch / (time.time() - t0)
         ssim = 1 - parts["ssim"].item()
         bar.set_postfix(loss=f"{avg:.4f}", ssim=f"{ssim:.3f}", obj_s=f"{speed:.1f}", refresh=False)
@@ -359,8 +360,7 @@ def finish(cfg, job, lrm, data, test, seconds):
     model.save_checkpoint(job.out / "lrm.safetensors", lrm.state_dict(), "lrm", lrm.config, **info)
     save_samples(job.out / "samples/final.png", lrm, test, job.device)
     clf = model.find_classifier(cfg.out, cfg.preset)
-    mesh = (cfg.mesh_res, cfg.mesh_level)
-    scores, _ = model.evaluate_lrm(lrm, test["dirs"], job.device, *mesh, clf)
+    scores, _ = model.evaluate_lrm(lrm, test["dirs"], job.device, cfg.mesh_res, cfg.mesh_level, clf)
     head = dict(stage=job.stage, preset=cfg.preset)
     sizes = dict(n_objects=len(test["dirs"]), train_objects=len(data["images"]), steps=cfg.steps)
     metrics = head | dict(seconds=round(seconds, 1)) | sizes | scores
