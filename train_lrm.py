@@ -7,8 +7,7 @@ weights), an opacity loss against the object mask (--w_mask), noise on the sourc
 (--cam_noise), and the pixel loss as an option (--w_pixel, off for synthetic data as in the paper).
 
 Reads:  out/2_views/<id>/ (or any folder of object folders, --data), out/0_data/assets/test_*/
-Writes: out/3_lrm/: lrm.safetensors, lrm_state.safetensors (--resume), samples/, metrics.json,
-        meta.json
+Writes: out/3_lrm/ lrm.safetensors, lrm_state.safetensors, samples/, metrics.json, meta.json
 Run:    python train_lrm.py                              (tiny: 3,400 steps, 23.5 min at one thread)
         python train_lrm.py --preset micro --out /tmp/run    (seconds)
         torchrun --nproc_per_node=4 train_lrm.py --preset small --device cuda
@@ -252,9 +251,8 @@ def resume(cfg, job, lrm, opt):
     path = job.out / "lrm_state.safetensors"
     if not (cfg.resume and path.is_file()):
         return 0, []
-    tensors, saved, meta = model.load_checkpoint(
-        path, f"{job.stage}_state", f"python {job.stage}.py"
-    )
+    kind = job.stage + "_state"
+    tensors, saved, meta = model.load_checkpoint(path, kind, f"python {job.stage}.py")
     if saved != resume_key(cfg):
         raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
     start = model.saved_step(meta, path, cfg.steps)
