@@ -10,7 +10,8 @@ the others). --table then gathers the experiment: (A), (B) stage 3 alone and (C)
 test_unseen and both, the scaling curve and the pictures.
 
 Reads:  out/3_lrm/lrm.safetensors, out/0_data/assets/train/ (or --data), out/0_data/assets/test_*/
-Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, samples/, metrics.json, meta.json
+Writes: out/4_finetune/ (or out/4_from_scratch/): lrm.safetensors, lrm_state.safetensors,
+        samples/, metrics.json, meta.json
         --table: out/table/ metrics.json, table.md, scaling.md (+ scaling.png with matplotlib),
         scaling_scarce.md after `run_all.sh scarce`, compare_*.gif (input | A | C | truth; and
         compare_scarce_*.gif)
@@ -39,12 +40,12 @@ class Config(train_lrm.Config):
     init: str = ""  # the LRM to fine-tune ("" = <out>/3_lrm/lrm.safetensors)
     stage_dir: str = ""  # "" = 4_finetune (or 4_from_scratch)
     from_scratch: bool = False  # experiment A: random weights, real assets only, stage 3 + 4 steps
-    steps: int = 1200  # optimizer steps
-    lr: float = 1e-3  # peak learning rate, half of stage 3's
-    warmup: int = 30  # linear warm-up steps
-    low_frac: float = 0.0  # no low-resolution stage: the model already knows coarse shapes
-    w_pixel: float = 1.0  # the pixel loss is back: real views are exactly consistent
-    cam_noise: float = 0.0  # real cameras are exact
+    steps: int = 1200  # optimizer steps [1..]
+    lr: float = 1e-3  # peak learning rate, half of stage 3's [0..]
+    warmup: int = 30  # linear warm-up steps [1..]
+    low_frac: float = 0.0  # no low-resolution stage: the model already knows coarse shapes [0..1]
+    w_pixel: float = 1.0  # the pixel loss is back: real views are exactly consistent [0..]
+    cam_noise: float = 0.0  # real cameras are exact [0..]
     table: bool = False  # train nothing: gather out/table from the experiment's stage folders
 
 
@@ -204,14 +205,14 @@ def comparison_gifs(cfg, table, real="", n=4, frames=24):
     if missing:
         print(f"table: no compare{real}_*.gif: {', '.join(missing)} not trained yet")
         return
-    c0 = render.read_world(root, cfg.preset)
-    res = c0.res
+    stage0 = render.read_world(root, cfg.preset)
+    res = stage0.res
     models = [model.load_lrm(p, "python finetune_3d.py")[0] for p in paths]
     c2w, K = render.orbit(frames)
     cam = model.camera_vector(model.CANONICAL[None], K[:1])
-    for i in range(min(n, c0.n_test_unseen)):
+    for i in range(min(n, stage0.n_test_unseen)):
         ob = render.load_object(root / f"0_data/assets/test_unseen/{i:05d}", res)
-        packed = render.pack([render.world_object(c0, "test_unseen", i)])
+        packed = render.pack([render.world_object(stage0, "test_unseen", i)])
         first = torch.zeros(frames, dtype=torch.long)  # every view shows object 0
         rgba, _ = render.render_views(packed, first, c2w, K, res)
         cols = [ob["images"][:1].expand(frames, -1, -1, -1)]

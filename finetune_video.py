@@ -23,7 +23,7 @@ Run:    python finetune_video.py              (tiny: video + eval from the shipp
         python finetune_video.py --preset micro --out /tmp/run   (all five phases, a minute)
         python finetune_video.py --phase pretrain   (retrain the prior, 2 h; it needs web clips:
                                                      python render.py --n_videos 6000)
-        python finetune_video.py --phase image      (retrain the stand-in for Emu: an hour)
+        python finetune_video.py --phase image      (retrain the stand-in for Emu: 45 min)
         torchrun --nproc_per_node=4 finetune_video.py --preset small --device cuda
 """
 
@@ -222,14 +222,16 @@ def training_fields(cfg, phase):
 
 
 def resume(path, conf, run, opt, ema):
-    """Load a saved state into the weights, their EMA and AdamW -> its step; a state saved with
-    other training fields than conf is a one-line error."""
+    """Load a saved state into the weights, their EMA and AdamW -> its step and the seconds trained
+    before it; a state saved with other training fields than conf is a one-line error."""
     tensors, saved, meta = model.load_checkpoint(
         path, f"{run.name}_state", "python finetune_video.py"
     )
     if saved != conf:
         raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
     start = model.saved_step(meta, path, run.steps)
+    seconds = meta.get("seconds", "0")  # (a state may lack it)
+    before = float(seconds) if seconds.isdigit() else 0.0
     with torch.no_grad():
         for i, (p, e) in enumerate(zip(run.trainable, ema)):
             p.copy_(tensors[f"p{i}"])
@@ -237,18 +239,18 @@ def resume(path, conf, run, opt, ema):
     if start:
         model.restore_adam_state(opt, tensors, start)
     print(f"resuming {run.name} from step {start}")
-    return start
+    return start, before
 
 
 def train(cfg, unet, run, stage):
     """AdamW + warm-up/cosine, EMA of the trainable weights, resumable from the run's state file.
     Every step reseeds the RNG from (seed, step, rank): a resumed run repeats an uninterrupted one.
-    -> seconds trained."""
+    -> seconds trained, over every resumed leg."""
     opt = torch.optim.AdamW(run.trainable, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in run.trainable]
     path = stage.out / f"{run.name}_state.safetensors"
     conf = training_fields(cfg, run.phase)
-    start = resume(path, conf, run, opt, ema) if cfg.resume and path.is_file() else 0
+    start, before = resume(path, conf, run, opt, ema) if cfg.resume and path.is_file() else (0, 0)
     net = torch.nn.parallel.DistributedDataParallel(unet) if stage.world > 1 else unet
     steps = range(start, run.steps)
     bar = render.progress(steps, desc=f"phase {run.phase}", initial=start, total=run.steps)
@@ -287,7 +289,8 @@ def train(cfg, unet, run, stage):
         if stage.rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == run.steps):
             tensors = {f"p{i}": p for i, p in enumerate(run.trainable)} | model.adam_state(opt)
             tensors |= {f"ema{i}": e for i, e in enumerate(ema)}
-            model.save_checkpoint(path, tensors, f"{run.name}_state", conf, step=step + 1)
+            info = dict(step=step + 1, seconds=round(before + time.time() - t0))
+            model.save_checkpoint(path, tensors, f"{run.name}_state", conf, **info)
 
         # samples, every sample_every steps
         if stage.rank == 0 and (step + 1) % cfg.sample_every == 0:
@@ -298,7 +301,7 @@ def train(cfg, unet, run, stage):
             p.copy_(e)
     if stage.world > 1:
         dist.barrier()
-    return time.time() - t0
+    return before + time.time() - t0
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -409,7 +412,7 @@ def augment(views, gen):
 def phase_classifier(cfg, stage):
     """The stand-in for the paper's pretrained perception models: a classifier of category and
     main colour, trained on stage 0's single views but the last tenth, then validated on that
-    tenth, also by azimuth (the camera's angle from the object's front) -> the checkpoint."""
+    tenth, also by azimuth (the camera's angle from the object's front) -> its checkpoint file."""
     imgs, caps = load_images(stage.data, stage.res)
     views = (imgs + 1) / 2
     labels = torch.tensor([render.caption_labels(c) for c in caps])  # (N,2): category, colour
@@ -431,8 +434,8 @@ def phase_classifier(cfg, stage):
         loss.backward()
         opt.step()
     clf = clf.cpu().eval()
-    world = render.read_world(cfg.out, cfg.preset)
-    scores = validate_classifier(world, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
+    stage0 = render.read_world(cfg.out, cfg.preset)
+    scores = validate_classifier(stage0, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
     if stage.rank == 0:
         info = dict(steps=steps, seconds=round(time.time() - t0), trained_on=len(views) - n_val)
         path = stage.out / "classifier.safetensors"
@@ -442,7 +445,7 @@ def phase_classifier(cfg, stage):
               f"{scores['color_acc']:.3f}; category by azimuth {by} -> {path}")  # fmt: skip
 
 
-def validate_classifier(world, clf, views, captions, first):
+def validate_classifier(stage0, clf, views, captions, first):
     """Held-out single views (image ids first..) -> category and colour accuracy, and category
     accuracy in 8 buckets of the camera's azimuth from the object's front (0 = facing it)."""
     category, colour = model.classify(clf, views)
@@ -450,7 +453,7 @@ def validate_classifier(world, clf, views, captions, first):
     hit = category == labels[:, 0]
     # the single views' camera sits at azimuth 0, the object's front at its facing angle
     ids = range(first, first + len(views))
-    facing = torch.tensor([render.world_object(world, "images", i)["facing"] for i in ids])
+    facing = torch.tensor([render.world_object(stage0, "images", i)["facing"] for i in ids])
     bucket = ((-facing % 360) / 45).round().long() % 8
     by = {
         f"{45 * int(b)}": round(hit[bucket == b].float().mean().item(), 3) for b in bucket.unique()
@@ -702,7 +705,8 @@ def main():
         render.write_index(cfg.out)
         minutes = (time.time() - stage.start) / 60
         print(f"stage 1 ({', '.join(phases)}) done in {minutes:.1f} min -> {stage.out}")
-        print("next: python generate_views.py")
+        after = "finetune_video.py" if phases == ["pretrain"] else "generate_views.py"
+        print(f"next: python {after}")
     model.teardown(world)
 
 

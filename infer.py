@@ -1,10 +1,10 @@
 """Stage 5: image (or text) -> triplane -> coloured mesh + turntable; the held-out evaluation
 (VFusion3D Sec. 4); text-to-3D judged by the classifier, (A) 3D only beside (C) synthetic then 3D.
 
-Reads:  an LRM checkpoint (default: the newest under --out, out/4_finetune before out/3_lrm),
+Reads:  an LRM checkpoint (default: out/4_finetune's, else out/3_lrm's, else weights/),
         an image file or folder (--image), or a caption (--prompt, drawn by the stage-1 image model)
-Writes: out/5_infer/<name>/ input.png, mesh.obj, mesh.ply, mesh.glb, views/, turntable.gif
-        (+ .mp4 with imageio-ffmpeg, + judged.json for --prompt); --eval DIR:
+Writes: out/5_infer/<name>/ input.png, command.txt, mesh.obj, mesh.ply, mesh.glb, views/,
+        turntable.gif (+ .mp4 with imageio-ffmpeg, + judged.json for --prompt); --eval DIR:
         out/5_infer/<name>/metrics.json; --eval_prompts: out/5_infer/eval_prompts/metrics.json
 Run:    python infer.py --image out/0_data/assets/test_unseen/00000/000.png
         python infer.py --prompt "a red mug with a blue handle"
@@ -30,13 +30,13 @@ import render
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    preset: str = "tiny"  # micro | tiny | small | paper (only picks the default image model)
+    preset: str = "tiny"  # micro | tiny | small | paper (picks the shipped models and sizes)
     out: str = "out"  # root holding the numbered stage folders
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0  # noise of --prompt's first frame [0..]
     image: str = ""  # an image file or folder of them (PNG/JPG; RGBA or a near-white background)
     prompt: str = ""  # a caption instead: stage 1's image model draws the first frame (text-to-3D)
-    model: str = ""  # LRM checkpoint ("" = newest under --out: 4_finetune, then 3_lrm)
+    model: str = ""  # LRM checkpoint ("" = 4_finetune's, else 3_lrm's, else shipped)
     name: str = ""  # output folder under <out>/5_infer ("" = from the input's name)
     mesh_res: int = 64  # marching-cubes grid per side [4..]
     mesh_level: float = 5.0  # surface level of density = scale * softplus(x - 1), per box unit
@@ -62,8 +62,8 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- inputs
 def default_model(cfg):
-    """The newest LRM under --out (stage 4's fine-tuned one, else stage 3's), else the shipped one
-    of --preset, said in one line."""
+    """The latest stage's LRM under --out (stage 4's fine-tuned one, else stage 3's), else the
+    shipped one of --preset, said in one line."""
     for stage in ("4_finetune", "3_lrm"):
         if (Path(cfg.out) / stage / "lrm.safetensors").is_file():
             return Path(cfg.out) / stage / "lrm.safetensors"
@@ -332,13 +332,13 @@ def eval_prompts(cfg, device):
     first frame drawn by the image model, then (A) and (C) each turn it into a triplane whose
     orbit the classifier judges against the prompt, over all prompts and over the seen and
     unseen categories apart -> out/5_infer/eval_prompts/metrics.json and a table."""
-    world = render.read_world(cfg.out, cfg.preset)
+    stage0 = render.read_world(cfg.out, cfg.preset)
     clf = model.find_classifier(cfg.out, cfg.preset)
     if clf is None:
         raise render.DataError("no classifier; run `python finetune_video.py --phase classifier`")
-    prompts = read_eval_prompts(cfg, world)
-    firsts = draw_first_frames(cfg, prompts, world.res, device)  # (N,3,H,W)
-    seen = [render.caption_labels(p)[0] < world.categories_3d for p in prompts]
+    prompts = read_eval_prompts(cfg, stage0)
+    firsts = draw_first_frames(cfg, prompts, stage0.res, device)  # (N,3,H,W)
+    seen = [render.caption_labels(p)[0] < stage0.categories_3d for p in prompts]
     splits = {"seen": [k for k, s in enumerate(seen) if s]}
     splits["unseen"] = [k for k, s in enumerate(seen) if not s]
     views = {}

@@ -174,7 +174,9 @@ class TemporalLayer(nn.Module):
 
     def __init__(self, dim, frames, heads=4, mv_attn_res=0):
         super().__init__()
-        self.multiview = mv_attn_res > 0  # this layer's resolution when it is multi-view, else 0
+        self.multiview = (
+            mv_attn_res > 0
+        )  # mv_attn_res: this layer's resolution if multi-view, else 0
         self.heads = heads if self.multiview else 1  # one head over 8 frames is faster, as good
         if self.multiview:
             self.pixel_pos = nn.Parameter(torch.randn(mv_attn_res * mv_attn_res, dim) * 0.02)
@@ -257,7 +259,8 @@ def unet_blocks(cfg, emb):
 
 class UNet(nn.Module):
     """Text-to-image UNet (the spatial layers) that becomes a video UNet when frames > 0: then a
-    TemporalLayer follows every spatial block. Sec. 3.1: only the temporal layers are fine-tuned.
+    TemporalLayer follows every residual and attention block. Sec. 3.1: only the temporal layers
+    are fine-tuned.
     x (B*V,3,H,W), t (B*V,) in [0,1], caption ids (B,L) -> v-prediction (B*V,3,H,W)."""
 
     def __init__(self, config):
@@ -576,7 +579,7 @@ class LRM(nn.Module):
 
     def encode(self, img, cam):
         B = img.shape[0]
-        P = self.config.tokens
+        G = self.config.tokens  # the token grid's side
         img = img * 2 - 1  # (B,3,H,W) in [-1,1]
         x = self.patchify(img).flatten(2).transpose(1, 2)  # (B,N,enc_dim) patch tokens
         x = self.enc_norm(self.encoder(torch.cat([self.cls.expand(B, -1, -1), x], 1) + self.pos))
@@ -591,7 +594,7 @@ class LRM(nn.Module):
         kv = self.to_kv(x)
         for blk in self.blocks:
             t = blk(t, kv, c)
-        planes = self.up(self.out_norm(t).view(B * 3, P, P, -1).permute(0, 3, 1, 2))  # (B*3,C,R,R)
+        planes = self.up(self.out_norm(t).view(B * 3, G, G, -1).permute(0, 3, 1, 2))  # (B*3,C,P,P)
         if self.skip is not None:
             planes = planes + self.skip(self.skip_features(img, planes.shape[-1]))
         return planes.view(B, 3, *planes.shape[1:])
@@ -767,7 +770,7 @@ def sample_pdf(w, bins, n, stratified):
 
 
 def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
-    """Render rays o, d (R,3) through field(points (R,S,3)) -> (density (R,S) >= 0, colour (R,S,3)).
+    """Render rays o, d (R,3) through field (points (R,S,3) to density (R,S) >= 0, colour (R,S,3)).
     Stratified coarse samples in the box place n_fine importance samples (inverse CDF of the coarse
     weights); both sets are merged and composited on white. With n_fine > 0 the coarse pass runs
     without gradient: it only finds the surface, and the fine samples carry the learning signal.

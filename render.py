@@ -25,7 +25,7 @@ Paper:  the stand-in for Objaverse renders (VFusion3D Sec. 3.1 fine-tunes on orb
 Contents, in reading order:
 Part 1: stage 0, the world
     config | primitives | colours and light | categories | the exact renderer | web clips | stage 0
-    used by render.py's main and the tests
+    used by render.py's main and the tests; its masks, captions and renderer by every stage
 Part 2: geometry the stages share
     cameras | marching cubes | meshes out
     used by every stage
@@ -338,7 +338,8 @@ def caption_of(category, colours):
 def make_object(seed, category):
     """One object of CATEGORIES[category] from a seed: each part's parameters within +-15% of the
     recipe's, distinct colours for the recipe's colour slots, the whole object turned by a random
-    angle about z, centred and scaled to fill the frame. -> dict of numpy arrays and the caption."""
+    angle about z, centred and scaled to fill the frame. -> dict of numpy arrays per part, the
+    caption, the category, the colour slots and the facing."""
     rng = np.random.default_rng(seed)
     recipe = CATEGORIES[category]
     n_colours = 1 + max(p.colour for p in recipe.parts)
@@ -1285,7 +1286,7 @@ def save_tensors(path, tensors, meta=None):
     atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
 
 
-# What to do with a file that cannot be used, by who made it: a stage, or the user.
+# What to do with a file that cannot be used, by whoever made it: a stage, or the user.
 ADVICE = dict(stage="delete it and rerun the stage that wrote it", user="export it again")
 
 
@@ -1535,13 +1536,13 @@ def print_table(rows):
         print(f"{name:28s}" + "".join(f"{r[k]:13.4f}" if k in r else f"{'-':>13s}" for k in keys))
 
 
-# The page's sections: title, stage folder under --out, the pictures in it, the command.
+# The page's sections: title, stage folder under --out, the pictures in it, the script's command.
 PAGE = (
-    ("Stage 0: the world", "0_data", "categories.png preview.png videos.png", "python render.py"),
-    ("Stage 1: video model", "1_video", "eval_grid.png eval.gif", "python finetune_video.py"),
-    ("Stage 2: the data engine", "2_views", "preview.png", "python generate_views.py"),
-    ("Stage 3: (B) synthetic only", "3_lrm", "samples/final.png", "python train_lrm.py"),
-    ("Stage 4: (C) synthetic + real", "4_finetune", "samples/final.png", "python finetune_3d.py"),
+    ("Stage 0: the world", "0_data", "categories.png preview.png videos.png", "render.py"),
+    ("Stage 1: video model", "1_video", "eval_grid.png eval.gif", "finetune_video.py"),
+    ("Stage 2: the data engine", "2_views", "preview.png", "generate_views.py"),
+    ("Stage 3: (B) synthetic only", "3_lrm", "samples/final.png", "train_lrm.py"),
+    ("Stage 4: (C) synthetic + real", "4_finetune", "samples/final.png", "finetune_3d.py"),
     ("(A) real only", "4_from_scratch", "samples/final.png", "finetune_3d.py --from_scratch"),
     ("Table: in | A | C | truth", "table", "compare_0.gif compare_1.gif", "finetune_3d.py --table"),
 )  # fmt: skip
@@ -1565,7 +1566,7 @@ def metrics_html(path):
 def page_sections(out):
     """PAGE's sections, then stage 5's latest results (newest first, whatever their names) with
     the command each was made by (its command.txt) -> (title, folder, pictures, command)."""
-    sections = list(PAGE)
+    sections = [(title, folder, pictures, f"python {c}") for title, folder, pictures, c in PAGE]
     results = [p for p in (Path(out) / "5_infer").glob("*/command.txt")]
     for p in sorted(results, key=lambda p: p.stat().st_mtime, reverse=True)[:6]:
         command = p.read_text(errors="replace").strip()

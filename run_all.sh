@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline and the paper's comparison: stages 0-5, with experiment (A) beside stages 2-3.
-#   bash run_all.sh [preset] [out]            stages 0-5 and the (A)/(B)/(C) table   (tiny: 41-58 min on 2 cores)
+#   bash run_all.sh [preset] [out]            stages 0-5 and the (A)/(B)/(C) table   (tiny: about 62 min on 2 cores)
 #   bash run_all.sh scaling [preset] [out]    the scaling curve: (C) with 1/16, 1/4 and 1/2 of the synthetic set
 #   bash run_all.sh scarce [preset] [out]     (A) and (C) again with 1/4 of the real assets (the paper's scarce 3D data),
 #                                             and the scaling curve's (C) too where `scaling` has run   (tiny: about 25 min, +10)

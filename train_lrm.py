@@ -52,7 +52,7 @@ class Config(model.LRMConfig):
     random_source: bool = True  # any view of an orbit may be the input (canonicalised)
     lr: float = 2e-3  # peak learning rate (AdamW, betas 0.9/0.95) [0..]
     warmup: int = 100  # linear warm-up steps, then cosine decay to 10% [1..]
-    weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, tokens) [0..]
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, tokens, pos) [0..]
     low_res: int = 16  # multi-stage: render resolution of the first stage (whole views) [1..]
     low_frac: float = 0.5  # share of the steps in the low-resolution stage (0 = none) [0..1]
     crop: int = 16  # second stage: crop size rendered at full resolution, pixels [1..]
@@ -135,7 +135,7 @@ def check_data(folder, preset, hint, required):
 def load_set(folder, res, hint, limit=None, dirs=None):
     """Every object folder under `folder` (or the list dirs) -> dict of tensors: images
     (N,V,3,H,W) in [0,1] on white, masks (N,V,1,H,W) (alpha where known, else the non-white
-    pixels), c2w (N,V,4,4), K (N,V,3,3)."""
+    pixels), c2w (N,V,4,4), K (N,V,3,3), and the folders (dirs)."""
     dirs = dirs or render.object_folders(folder, limit)
     if not dirs:
         raise render.DataError(f"{folder}: no object folders (000.png, ...); run `{hint}` first")
@@ -235,7 +235,8 @@ def build(cfg, job, hint, config):
 
 
 def make_optimizer(cfg, lrm):
-    """AdamW, weight decay on weight matrices only (not biases, norms, triplane tokens, pos)."""
+    """AdamW, weight decay on weight matrices only (not biases, norms, triplane tokens, pos; the
+    cls token is decayed)."""
     decay = []
     nodecay = []
     for name, p in lrm.named_parameters():
