@@ -235,8 +235,7 @@ def build(cfg, job, hint, config):
 
 
 def make_optimizer(cfg, lrm):
-    """AdamW, weight decay on weight matrices only (not biases, norms, triplane tokens, pos; the
-    cls token is decayed)."""
+    """AdamW, weight decay on weight matrices and the cls token (not biases, norms, tokens, pos)."""
     decay = []
     nodecay = []
     for name, p in lrm.named_parameters():
