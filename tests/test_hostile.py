@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import finetune_3d
 import finetune_video
 import generate_views
 import infer
@@ -195,6 +196,7 @@ RANGES = [  # script, flags, the flag that must be named
     (finetune_video, ["--resume", "flase"], "--resume"),
     (train_lrm, ["--steps", "abc"], "--steps"),
     (infer, ["--wings", "4"], "--wings"),
+    (finetune_3d, ["--warmup", "0"], "--warmup"),  # a subclass's field keeps its range
 ]
 
 
