@@ -515,9 +515,7 @@ def surface_points(obj, n, res=64, seed=0):
     """Ground truth: n points (with albedo colours) spread uniformly over the object's surface."""
     packed = pack([obj])
 
-    def sdf(p):
-        """Distance (N,) to the object and palette index (N,)
-        of the nearest primitive at p (N,3)."""
+    def sdf(p):  # distance (N,) to the object, palette index (N,) of the nearest part at p (N,3)
         return scene_sdf(p, pair_up(torch.zeros(len(p), dtype=torch.long), packed))
 
     v, f = extract_mesh(lambda p: -sdf(p)[0], res, 0.0, chunk=res**3)  # inside = negative distance
@@ -563,18 +561,10 @@ def clip_cameras(seed, views):
 SEED_RANGES = ("train", "test_seen", "test_unseen", "images", "prompts", "sheet", "videos")
 ASSETS = ("train", "test_seen", "test_unseen")
 
-# fields that change no byte of the world (the mesh fields write to 0_data/meshes/ only, and
-# n_videos to 0_data/videos/ only: clips can be added to a finished world)
-NOT_RECORDED = (
-    "out",
-    "device",
-    "batch",
-    "meshes",
-    "mesh_colour",
-    "mesh_up",
-    "max_faces",
-    "n_videos",
-)
+# fields that change no byte of the world: n_videos writes to 0_data/videos/ only (clips can be
+# added to a finished world), the mesh fields to 0_data/meshes/ only
+NOT_RECORDED = ("out", "device", "batch", "n_videos")
+NOT_RECORDED += ("meshes", "mesh_colour", "mesh_up", "max_faces")
 
 
 def object_seed(cfg, split, i):
@@ -617,55 +607,38 @@ def is_complete(root, i, views, extra=ASSET_FILES):
 
 
 def render_split(cfg, split, root):
-    """Render the real assets of a split or the single images that are missing
-    -> (count, rendered)."""
+    """The missing objects of a set -> (count, rendered now): real assets (the orbit's views,
+    cameras, caption, surface points), single images (<id>.png and captions.txt), or web clips
+    (new objects of every category filmed along clip_cameras paths: frames on white and a
+    caption, no cameras)."""
     views = None if split == "images" else cfg.views
+    extra = () if split == "videos" else ASSET_FILES
     ids = [f"{i:05d}" for i in range(set_size(cfg, split))]
-    todo = [i for i in ids if not is_complete(root, i, views)]
-    c2w, K = orbit(views or 1)
-    V = len(c2w)
+    todo = [i for i in ids if not is_complete(root, i, views, extra)]
+    V = views or 1
     per = max(1, cfg.batch // V)  # objects per batch
     batches = range(0, len(todo), per)
     for start in progress(batches, desc=f"stage 0 {split:11s}", unit="batch", disable=not todo):
         chunk = todo[start : start + per]
         objs = [world_object(cfg, split, int(i)) for i in chunk]
+        seeds = [object_seed(cfg, split, int(i)) for i in chunk]
+        cams = [clip_cameras(s, V) if split == "videos" else orbit(V) for s in seeds]
+        c2w = torch.cat([c for c, _ in cams])  # (len(chunk)*V,4,4)
+        K = torch.cat([k for _, k in cams])
         owner = torch.arange(len(chunk)).repeat_interleave(V)  # the object of each image
-        cameras = (c2w.repeat(len(chunk), 1, 1), K.repeat(len(chunk), 1, 1))
-        rgba, _ = render_views(
-            pack(objs), owner, *cameras, cfg.res, cfg.supersample, cfg.trace_steps
-        )
-        for j, (i, o) in enumerate(zip(chunk, objs)):
+        rgba, _ = render_views(pack(objs), owner, c2w, K, cfg.res, cfg.supersample, cfg.trace_steps)
+        for i, o, seed, own, (c, k) in zip(chunk, objs, seeds, rgba.split(V), cams):
             if views is None:
-                save_png(root / f"{i}.png", rgba[j])
-                continue
-            surf = surface_points(o, cfg.surface_points, seed=object_seed(cfg, split, int(i)))
-            info = dict(category=o["category"], split=split)
-            write_object(root / i, rgba[j * V : (j + 1) * V], c2w, K, o["caption"], surf, info)
+                save_png(root / f"{i}.png", own[0])
+            elif split == "videos":  # a video has no alpha channel and no cameras
+                write_object(root / i, on_white(own), None, None, o["caption"])
+            else:
+                surf = surface_points(o, cfg.surface_points, seed=seed)
+                info = dict(category=o["category"], split=split)
+                write_object(root / i, own, c, k, o["caption"], surf, info)
     if views is None:
         captions = [f"{i}\t{world_object(cfg, split, int(i))['caption']}\n" for i in ids]
         write_text(root / "captions.txt", "".join(captions))
-    return len(ids), len(todo)
-
-
-def render_videos(cfg, root):
-    """The web clips that are missing: new objects of every category (from seeds of their own,
-    so no test object appears), each filmed along a clip_cameras path -> root/<id>/ with the
-    frames on white and prompt.txt, no cameras -> (count, rendered)."""
-    ids = [f"{i:05d}" for i in range(set_size(cfg, "videos"))]
-    todo = [i for i in ids if not is_complete(root, i, cfg.views, extra=())]
-    per = max(1, cfg.batch // cfg.views)  # clips per batch
-    batches = range(0, len(todo), per)
-    for start in progress(batches, desc="stage 0 videos     ", unit="batch", disable=not todo):
-        chunk = todo[start : start + per]
-        objs = [world_object(cfg, "videos", int(i)) for i in chunk]
-        cams = [clip_cameras(object_seed(cfg, "videos", int(i)), cfg.views) for i in chunk]
-        owner = torch.arange(len(chunk)).repeat_interleave(cfg.views)  # the clip of each frame
-        c2w = torch.cat([c for c, _ in cams])
-        K = torch.cat([k for _, k in cams])
-        rgba, _ = render_views(pack(objs), owner, c2w, K, cfg.res, cfg.supersample, cfg.trace_steps)
-        frames = on_white(rgba).split(cfg.views)  # a video has no alpha channel
-        for i, o, clip in zip(chunk, objs, frames):
-            write_object(root / i, clip, None, None, o["caption"])
     return len(ids), len(todo)
 
 
@@ -706,8 +679,7 @@ def category_sheet(cfg, path, per_row=8):
 
 
 def check_out(cfg, root):
-    """Refuse an --out that is a file, or whose 0_data another config wrote
-    -> the config to record."""
+    """Refuse an --out that is a file or whose 0_data another config wrote -> the config to keep."""
     if Path(cfg.out).is_file() or root.is_file():
         raise DataError(f"{cfg.out}: is a file, not a folder; pick another --out")
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECORDED}
@@ -762,7 +734,7 @@ def main():
     with locked(root):
         counts = {split: render_split(cfg, split, root / "assets" / split) for split in ASSETS}
         counts["images"] = render_split(cfg, "images", root / "images")
-        counts["videos"] = render_videos(cfg, root / "videos")
+        counts["videos"] = render_split(cfg, "videos", root / "videos")
         prompts = (world_object(cfg, "prompts", i)["caption"] + "\n" for i in range(cfg.n_prompts))
         write_text(root / "prompts.txt", "".join(prompts))
         seconds = time.time() - t0
@@ -1120,9 +1092,7 @@ def write_glb(path, v, f, rgb):
     text += b" " * (-len(text) % 4)
     chunks = struct.pack("<II", len(text), GLB["json"]) + text
     if len(f):
-        chunks += struct.pack("<II", start[-1], GLB["bin"]) + b"".join(
-            blobs
-        )  # 12-byte rows: aligned
+        chunks += struct.pack("<II", start[-1], GLB["bin"]) + b"".join(blobs)  # 4-byte aligned
     head = struct.pack("<III", GLB["magic"], 2, 12 + len(chunks))
     atomic_write(path, lambda p: p.write_bytes(head + chunks))
 
@@ -1153,8 +1123,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_bool(text):
     """A bool flag's value: true, yes or 1 / false, no or 0 (any case); a typo is an error."""
-    words = dict(true=True, yes=True, false=False, no=False)
-    words |= {"1": True, "0": False}
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
     if text.lower() not in words:
         raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
     return words[text.lower()]
@@ -1271,8 +1240,7 @@ def save_png(path, img):
 
 
 def write_text(path, text):
-    """Atomic text write that leaves an identical file untouched
-    (a rerun rewrites nothing complete)."""
+    """Atomic text write that leaves an identical file untouched (a rerun rewrites nothing)."""
     if not (Path(path).is_file() and Path(path).read_text() == text):
         atomic_write(path, lambda t: t.write_text(text))
 
@@ -1528,8 +1496,7 @@ METRIC_KEYS = ("psnr", "ssim", "color_err", "chamfer_l1", "fscore", "category_ac
 
 
 def print_table(rows):
-    """Rows of metrics ({name: {key: value}}) as an aligned table;
-    '-' where a key does not apply."""
+    """Rows of metrics ({name: {key: value}}) as an aligned table, - where a key does not apply."""
     keys = [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
     print(f"{'row':28s}" + "".join(f"{k:>13s}" for k in keys))
     for name, r in rows.items():
@@ -1570,10 +1537,8 @@ def page_sections(out):
     results = [p for p in (Path(out) / "5_infer").glob("*/command.txt")]
     for p in sorted(results, key=lambda p: p.stat().st_mtime, reverse=True)[:6]:
         command = p.read_text(errors="replace").strip()
-        pictures = "input.png turntable.gif"
-        sections.append(
-            (f"Stage 5: {p.parent.name}", f"5_infer/{p.parent.name}", pictures, command)
-        )
+        name = p.parent.name
+        sections.append((f"Stage 5: {name}", f"5_infer/{name}", "input.png turntable.gif", command))
     return sections
 
 
