@@ -13,16 +13,13 @@ orbit renders of 3D assets. The phases, in that order:
 - eval: orbits of held-out assets from their first view, beside the video prior before its
   fine-tune, the image model frame by frame, a copy of the input view and white.
 
-Reads:  out/0_data/ (stage 0); weights/{image_model,classifier,pretrained_video}_<preset>
-        .safetensors, or those phases' outputs in out/1_video
-Writes: out/1_video/image_model.safetensors, video_model.safetensors (classifier,
-        pretrained_video when trained here), samples/, eval_grid.png, eval.gif, metrics.json,
-        meta.json (and *_state.safetensors for --resume)
+Reads:  out/0_data/ (stage 0); the image model, classifier, video prior of out/1_video or weights/
+Writes: out/1_video/{image_model,video_model,classifier,pretrained_video,*_state}.safetensors (the
+        last three if trained here), samples/, eval_grid.png, eval.gif, metrics.json, meta.json
 Run:    python finetune_video.py              (tiny: video + eval from the shipped models, 13 min)
         python finetune_video.py --from_image_model   (the ablation: no video prior)
         python finetune_video.py --preset micro --out /tmp/run   (all five phases, a minute)
-        python finetune_video.py --phase pretrain   (retrain the prior, 2 h; it needs web clips:
-                                                     python render.py --n_videos 6000)
+        python finetune_video.py --phase pretrain  (the prior, 2 h; render.py --n_videos 6000 first)
         python finetune_video.py --phase image      (retrain the stand-in for Emu: 45 min)
         torchrun --nproc_per_node=4 finetune_video.py --preset small --device cuda
 """
@@ -32,10 +29,9 @@ import dataclasses
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,7 +42,7 @@ import render
 
 
 # ----------------------------------------------------------------------------------------- config
-@dataclass
+@dataclasses.dataclass
 class Config:
     preset: str = "tiny"  # micro | tiny | small | paper
     out: str = "out"  # root holding the numbered stage folders
@@ -147,7 +143,7 @@ def load_videos(dirs, views, res, cameras=True):
     return torch.stack([o["images"] for o in objs]) * 2 - 1, [o["prompt"] for o in objs]
 
 
-def folders(root, hint):
+def folders(root, hint="python render.py"):
     """The complete object folders (or clips) under root, or a one-line error naming `hint`."""
     found = sorted(p.parent for p in Path(root).glob("*/prompt.txt"))
     if not found:
@@ -173,7 +169,7 @@ def batcher(data, ids, batch, frames, shift=False):
 
 
 # --------------------------------------------------------------------------------------- training
-@dataclass
+@dataclasses.dataclass
 class Stage:
     """Where stage 1 reads and writes, at what size, on which device and rank, since when."""
 
@@ -187,10 +183,9 @@ class Stage:
     start: float  # time.time() when stage 1 began
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
-    """One training run of the UNet: phase image trains all of it on single views; phases
-    pretrain and video train its temporal layers on clips and on orbits, frame 0 given clean."""
+    """One training run of the UNet: all of it on single views, or its temporal layers on videos."""
 
     name: str  # the model it makes: <name>.safetensors, <name>_state.safetensors to resume
     phase: str  # image | pretrain | video: a saved state shares the Config fields of this phase
@@ -200,33 +195,23 @@ class Run:
     steps: int  # optimizer steps
     lr: float  # peak learning rate
     ema: float  # EMA decay of the trainable weights
-    frames: int  # frames per sample: 1 for images; videos give frame 0 clean
-    t_power: float  # noise levels t = u**t_power
-
-
-# A resumed state must share the Config's training fields: not these (where it runs, how it
-# samples and evaluates; the model paths, whose files are checked where they are loaded), nor
-# another phase's own fields (those that start with another phase's name).
-NOT_TRAINING = "device resume phase out sample_every ckpt_every n_eval n_faithful temperature"
-NOT_TRAINING = (
-    NOT_TRAINING + " sample_steps guidance video_guidance image_model pretrained"
-).split()
-PHASE_NAMES = ("image", "classifier", "pretrain", "video", "eval")
+    frames: int  # frames per sample: 1 for images; videos give frame 0 clean, t = u**cfg.t_power
 
 
 def training_fields(cfg, phase):
-    """The fields of cfg that a saved state of this phase must share."""
-    others = tuple(f"{p}_" for p in PHASE_NAMES if p != phase)
+    """The fields of cfg a saved state of this phase must share: all but where it runs, how it
+    samples and evaluates, the model paths, and other phases' own fields (named <phase>_...)."""
+    not_training = """device resume phase out sample_every ckpt_every n_eval n_faithful temperature
+        sample_steps guidance video_guidance image_model pretrained""".split()
+    others = tuple(f"{p}_" for p in PHASES if p != phase)  # PHASES: the phase functions, below
     fields = dataclasses.asdict(cfg).items()
-    return {k: v for k, v in fields if k not in NOT_TRAINING and not k.startswith(others)}
+    return {k: v for k, v in fields if k not in not_training and not k.startswith(others)}
 
 
 def resume(path, conf, run, opt, ema):
-    """Load a saved state into the weights, their EMA and AdamW -> its step and the seconds trained
-    before it; a state saved with other training fields than conf is a one-line error."""
-    tensors, saved, meta = model.load_checkpoint(
-        path, f"{run.name}_state", "python finetune_video.py"
-    )
+    """Load a saved state into the weights, their EMA and AdamW -> its step, seconds trained."""
+    kind = f"{run.name}_state"
+    tensors, saved, meta = model.load_checkpoint(path, kind, "python finetune_video.py")
     if saved != conf:
         raise render.DataError(f"{path}: from another config; delete it or pass --resume false")
     start = model.saved_step(meta, path, run.steps)
@@ -243,9 +228,8 @@ def resume(path, conf, run, opt, ema):
 
 
 def train(cfg, unet, run, stage):
-    """AdamW + warm-up/cosine, EMA of the trainable weights, resumable from the run's state file.
-    Every step reseeds the RNG from (seed, step, rank): a resumed run repeats an uninterrupted one.
-    -> seconds trained, over every resumed leg."""
+    """AdamW + warm-up/cosine, EMA of the trainable weights, resumable -> seconds trained in all.
+    Each step reseeds the RNG from (seed, step, rank): a resumed run repeats one never stopped."""
     opt = torch.optim.AdamW(run.trainable, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in run.trainable]
     path = stage.out / f"{run.name}_state.safetensors"
@@ -255,6 +239,7 @@ def train(cfg, unet, run, stage):
     steps = range(start, run.steps)
     bar = render.progress(steps, desc=f"phase {run.phase}", initial=start, total=run.steps)
     bar.disable = stage.rank != 0
+    t_power = cfg.t_power if run.frames > 1 else 1.0  # images: noise levels t uniform
     avg = None
     t0 = time.time()
     for step in bar:
@@ -267,7 +252,7 @@ def train(cfg, unet, run, stage):
         ids = torch.where(dropped, model.empty_caption(ids), ids).to(stage.device)
         x = x.to(stage.device).contiguous(memory_format=torch.channels_last)
         with model.autocast(stage.device):
-            loss = model.v_loss(net, x, ids, run.frames, run.frames > 1, run.t_power)
+            loss = model.v_loss(net, x, ids, run.frames, run.frames > 1, t_power)
         model.check_finite(loss, step, path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -318,11 +303,12 @@ def sample_orbits(cfg, net, captions, firsts, guidance, stage):
     return torch.cat(out).cpu()
 
 
-def sample_pairs(cfg, unet, videos, captions, stage):
-    """Videos drawn from the first frames of `videos` (N,V,3,H,W) and their captions, each beside
-    the true one -> rows (V,3,H,2W) in [0,1] for save_grid."""
+def save_samples(cfg, unet, videos, captions, stage, name, step):
+    """The video phases' on_sample (all but step fixed by partial): orbits from the first views of
+    `videos` and their captions, each beside the true one -> samples/<name>_<step>.png."""
     g = sample_orbits(cfg, unet, captions, videos[:, 0], cfg.video_guidance, stage)
-    return [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, videos)]
+    pairs = [torch.cat([a, b], -1).add(1).div(2) for a, b in zip(g, videos)]
+    save_grid(stage.out / f"samples/{name}_{step:06d}.png", pairs)
 
 
 def save_grid(path, rows, scale=3):
@@ -332,11 +318,9 @@ def save_grid(path, rows, scale=3):
 
 
 def caption_faithfulness(cfg, unet, prompts, device, grid=None, clf=None):
-    """Share of samples whose dominant object colour is the colour their caption names first (the
-    object's main colour: its body), and with a classifier the share it calls the category the
-    caption names; the first 32 samples go to the PNG `grid` (8 a row) -> dict."""
+    """Share of samples whose dominant colour is their caption's first (the body's) and, with a
+    classifier, whose category is the caption's; the first 32 go to the PNG `grid` -> dict."""
     one = prompts[: cfg.n_faithful]
-    named = [render.caption_labels(p)[1] for p in one]
     imgs = []
     for k, ids in enumerate(unet.text.tokenize(one)[0].split(32)):
         g = torch.Generator().manual_seed(cfg.seed + k)
@@ -346,20 +330,11 @@ def caption_faithfulness(cfg, unet, prompts, device, grid=None, clf=None):
     imgs = torch.cat(imgs)  # (N,3,H,W) in [0,1]
     if grid:
         save_grid(grid, [imgs[i : i + 8] for i in range(0, min(len(imgs), 32), 8)])
-    hits = [model.dominant_colour(im) == c for im, c in zip(imgs, named)]
-    faith = dict(caption_faithfulness=round(float(np.mean(hits)), 3))
+    hits = [model.dominant_colour(im) == render.caption_labels(p)[1] for im, p in zip(imgs, one)]
+    faith = dict(caption_faithfulness=round(sum(hits) / len(hits), 3))
     if clf is None:
         return faith
     return faith | dict(caption_category=model.judge_views(clf, imgs, one)["category_acc"])
-
-
-def write_eval_pictures(out, gen, true, show=8):
-    """The first `show` generated orbits beside the true ones, as eval_grid.png (one orbit a row)
-    and eval.gif (one view a frame)."""
-    pairs = [torch.cat([gen[i], true[i]], -1).add(1).div(2) for i in range(min(show, len(true)))]
-    save_grid(out / "eval_grid.png", pairs)
-    frames = torch.stack([torch.cat([p[v] for p in pairs], -2) for v in range(true.shape[1])])
-    render.save_gif(out / "eval.gif", frames.clamp(0, 1), 3, duration=0.25)
 
 
 # ----------------------------------------------------------------------------------------- phases
@@ -372,10 +347,8 @@ def phase_image(cfg, stage):
     """The stand-in for Emu: a text-to-image UNet on stage 0's single views."""
     imgs, caps = load_images(stage.data, stage.res)
     vocab = sorted({w for c in caps for w in c.split()})
-    config = model.UNetConfig(
-        vocab, ints(cfg.channels), ints(cfg.attn_res), stage.res, cfg.text_dim
-    )
-    unet = model.UNet(config).to(stage.device).to(memory_format=torch.channels_last)
+    conf = model.UNetConfig(vocab, ints(cfg.channels), ints(cfg.attn_res), stage.res, cfg.text_dim)
+    unet = model.UNet(conf).to(stage.device).to(memory_format=torch.channels_last)
     ids, _ = unet.text.tokenize(caps)
     prompts = (stage.data / "prompts.txt").read_text().splitlines()
 
@@ -386,17 +359,16 @@ def phase_image(cfg, stage):
         tqdm.write(f"step {step}: caption faithfulness {faith['caption_faithfulness']:.2f}")
 
     batches = batcher(imgs, ids, cfg.image_batch, 1)
-    how = dict(steps=cfg.image_steps, lr=cfg.image_lr, ema=cfg.image_ema, frames=1, t_power=1.0)
+    how = dict(steps=cfg.image_steps, lr=cfg.image_lr, ema=cfg.image_ema, frames=1)
     run = Run("image_model", "image", list(unet.parameters()), batches, on_sample, **how)
     secs = train(cfg, unet, run, stage)
     if stage.rank == 0:
         grid = stage.out / "samples/image_final.png"
         faith = caption_faithfulness(cfg, unet, prompts, stage.device, grid)["caption_faithfulness"]
         info = dict(steps=cfg.image_steps, seconds=round(secs), caption_faithfulness=faith)
+        info |= dict(device=str(stage.device))
         path = stage.out / "image_model.safetensors"
-        model.save_checkpoint(
-            path, unet.state_dict(), "image_model", config, **info, device=str(stage.device)
-        )
+        model.save_checkpoint(path, unet.state_dict(), "image_model", conf, **info)
         print(f"image model: caption faithfulness {faith:.2f}, {secs / 60:.1f} min -> {path}")
 
 
@@ -410,9 +382,8 @@ def augment(views, gen):
 
 
 def phase_classifier(cfg, stage):
-    """The stand-in for the paper's pretrained perception models: a classifier of category and
-    main colour, trained on stage 0's single views but the last tenth, then validated on that
-    tenth, also by azimuth (the camera's angle from the object's front) -> its checkpoint file."""
+    """The stand-in for the paper's perception models: a classifier of category and main colour,
+    trained on the single views but the last tenth, which validates it (also by azimuth)."""
     imgs, caps = load_images(stage.data, stage.res)
     views = (imgs + 1) / 2
     labels = torch.tensor([render.caption_labels(c) for c in caps])  # (N,2): category, colour
@@ -435,7 +406,7 @@ def phase_classifier(cfg, stage):
         opt.step()
     clf = clf.cpu().eval()
     stage0 = render.read_world(cfg.out, cfg.preset)
-    scores = validate_classifier(stage0, clf, views[-n_val:], caps[-n_val:], len(views) - n_val)
+    scores = validate_classifier(stage0, clf, views[-n_val:], labels[-n_val:], len(views) - n_val)
     if stage.rank == 0:
         info = dict(steps=steps, seconds=round(time.time() - t0), trained_on=len(views) - n_val)
         path = stage.out / "classifier.safetensors"
@@ -445,21 +416,17 @@ def phase_classifier(cfg, stage):
               f"{scores['color_acc']:.3f}; category by azimuth {by} -> {path}")  # fmt: skip
 
 
-def validate_classifier(stage0, clf, views, captions, first):
-    """Held-out single views (image ids first..) -> category and colour accuracy, and category
-    accuracy in 8 buckets of the camera's azimuth from the object's front (0 = facing it)."""
+def validate_classifier(stage0, clf, views, labels, first):
+    """Held-out views (ids first..), labels -> category, colour accuracy; category by azimuth."""
     category, colour = model.classify(clf, views)
-    labels = torch.tensor([render.caption_labels(c) for c in captions])  # (N,2)
-    hit = category == labels[:, 0]
+    hit = (category == labels[:, 0]).float()
     # the single views' camera sits at azimuth 0, the object's front at its facing angle
     ids = range(first, first + len(views))
     facing = torch.tensor([render.world_object(stage0, "images", i)["facing"] for i in ids])
     bucket = ((-facing % 360) / 45).round().long() % 8
-    by = {
-        f"{45 * int(b)}": round(hit[bucket == b].float().mean().item(), 3) for b in bucket.unique()
-    }
+    by = {f"{45 * int(b)}": round(hit[bucket == b].mean().item(), 3) for b in bucket.unique()}
     colour_hit = (colour == labels[:, 1]).float().mean().item()
-    scores = dict(category_acc=round(hit.float().mean().item(), 4), color_acc=round(colour_hit, 4))
+    scores = dict(category_acc=round(hit.mean().item(), 4), color_acc=round(colour_hit, 4))
     return scores | dict(category_acc_by_azimuth=by)
 
 
@@ -475,7 +442,7 @@ def image_with_temporal(cfg, stage):
     return unet
 
 
-def same_spatial_weights(a, b):
+def same_spatial(a, b):
     """Whether two UNets share every spatial and text weight, byte for byte."""
     theirs = b.state_dict()
     mine = {k: v for k, v in a.state_dict().items() if not k.startswith("temporal.")}
@@ -491,8 +458,7 @@ def freeze_spatial(unet, train_spatial=False):
 
 @torch.no_grad()
 def held_out_loss(unet, clips, ids, frames, seed):
-    """The v-prediction loss (frame 0 clean) on held-out clips from seed's noise, with the temporal
-    layers and without them (the image model frame by frame) -> dict."""
+    """The v-loss on held-out clips (frame 0 clean) with and without the temporal layers -> dict."""
     bare = copy.deepcopy(unet)
     bare.temporal = None
     out = {}
@@ -504,10 +470,8 @@ def held_out_loss(unet, clips, ids, frames, seed):
 
 
 def phase_pretrain(cfg, stage):
-    """The video prior, EMU Video's step and Sec. 3.1's starting point: zero-initialised temporal
-    layers in the image model, every spatial and text weight frozen, trained on the web clips with
-    frame 0 given clean. The clips have no cameras and follow no orbit: the temporal layers learn
-    how things of every kind look as a camera moves, and phase video then teaches them the orbit."""
+    """The video prior (EMU Video's step): on web clips, which follow no orbit, the temporal layers
+    learn how things look as a camera moves; phase video then teaches them the orbit."""
     unet = image_with_temporal(cfg, stage)
     params = freeze_spatial(unet)
     unet = unet.to(stage.device).to(memory_format=torch.channels_last)
@@ -515,16 +479,10 @@ def phase_pretrain(cfg, stage):
     clips, caps = load_videos(folders(stage.data / "videos", hint), stage.views, stage.res, False)
     ids, _ = unet.text.tokenize(caps)
     n_val = max(1, int(len(clips) * cfg.pretrain_holdout))  # the last clips: held out
-
-    def on_sample(step):
-        """Clips drawn from the first frames of 4 held-out clips, beside them -> samples/."""
-        pairs = sample_pairs(cfg, unet, clips[-4:], caps[-4:], stage)
-        save_grid(stage.out / f"samples/pretrain_{step:06d}.png", pairs)
-
+    on_sample = partial(save_samples, cfg, unet, clips[-4:], caps[-4:], stage, "pretrain")
     batches = batcher(clips[:-n_val], ids[:-n_val], cfg.pretrain_batch, stage.views)
     how = dict(steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, ema=cfg.pretrain_ema)
-    how |= dict(frames=stage.views, t_power=cfg.t_power)
-    run = Run("pretrained_video", "pretrain", params, batches, on_sample, **how)
+    run = Run("pretrained_video", "pretrain", params, batches, on_sample, frames=stage.views, **how)
     secs = train(cfg, unet, run, stage)
     if stage.rank == 0:
         on_sample(cfg.pretrain_steps)
@@ -532,54 +490,41 @@ def phase_pretrain(cfg, stage):
         val_clips = clips[val].to(stage.device)
         scores = held_out_loss(unet, val_clips, ids[val].to(stage.device), stage.views, cfg.seed)
         info = dict(steps=cfg.pretrain_steps, seconds=round(secs), clips=len(clips) - n_val)
+        info |= scores
         path = stage.out / "pretrained_video.safetensors"
-        model.save_checkpoint(
-            path, unet.state_dict(), "pretrained_video", unet.config, **info, **scores
-        )
+        model.save_checkpoint(path, unet.state_dict(), "pretrained_video", unet.config, **info)
         base = scores["held_out_loss_image_model"]
         print(f"video prior: held-out loss {scores['held_out_loss']:.4f} (the image model frame")
         print(f"by frame: {base:.4f}), {secs / 60:.1f} min -> {path}")
 
 
 def starting_model(cfg, stage):
-    """Phase video's start: the video prior (its temporal layers trained on the web clips), or with
-    --from_image_model the image model with zero-initialised temporal layers. Either way the
-    spatial and text weights are the image model's -> the UNet, its name."""
+    """Phase video's start: the prior, or with --from_image_model the image model -> UNet, name."""
     image = image_with_temporal(cfg, stage)
     if cfg.from_image_model:
         return image, "image_model"
     path = start_path(cfg.pretrained, cfg, "pretrained_video")
     unet, _ = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)
-    if unet.config.frames != stage.views or not same_spatial_weights(image, unet):
-        raise render.DataError(
-            f"{path}: not a video prior of this image model and {stage.views} frames; "
-            f"run `{HINT_PRETRAIN}`, or pass --from_image_model"
-        )
+    if unet.config.frames != stage.views or not same_spatial(image, unet):
+        why = f"not a video prior of this image model and {stage.views} frames"
+        raise render.DataError(f"{path}: {why}; run `{HINT_PRETRAIN}`, or pass --from_image_model")
     return unet, "pretrained_video"
 
 
 def phase_video(cfg, stage):
-    """Sec. 3.1: the temporal layers of the video prior (or, with --from_image_model, of the image
-    model, starting at zero) fine-tuned on the real assets' orbits with frame 0 given clean, every
-    other weight frozen (--train_spatial: every weight, which the paper rejects)."""
+    """Sec. 3.1: the starting model's temporal layers fine-tuned on the real assets' orbits, frame 0
+    given clean, every other weight frozen (--train_spatial: all of them, as the paper does not)."""
     unet, start = starting_model(cfg, stage)
     params = freeze_spatial(unet, cfg.train_spatial)
     unet = unet.to(stage.device).to(memory_format=torch.channels_last)
-    train_dirs = folders(stage.data / "assets/train", "python render.py")
-    orbits, caps = load_videos(train_dirs, stage.views, stage.res)
+    orbits, caps = load_videos(folders(stage.data / "assets/train"), stage.views, stage.res)
     ids, unknown = unet.text.tokenize(caps)
     if unknown:
         print(f"warning: caption words unknown to the image model map to <unk>: {sorted(unknown)}")
     test, test_caps = load_videos(render.test_folders(stage.data, 2), stage.views, stage.res)
-
-    def on_sample(step):
-        """Orbits of 4 held-out assets from their first view, beside the truth -> samples/."""
-        pairs = sample_pairs(cfg, unet, test, test_caps, stage)
-        save_grid(stage.out / f"samples/video_{step:06d}.png", pairs)
-
+    on_sample = partial(save_samples, cfg, unet, test, test_caps, stage, "video")
     batches = batcher(orbits, ids, cfg.video_batch, stage.views, cfg.video_shift)
-    how = dict(steps=cfg.video_steps, lr=cfg.video_lr, ema=cfg.video_ema)
-    how |= dict(frames=stage.views, t_power=cfg.t_power)
+    how = dict(steps=cfg.video_steps, lr=cfg.video_lr, ema=cfg.video_ema, frames=stage.views)
     run = Run("video_model", "video", params, batches, on_sample, **how)
     secs = train(cfg, unet, run, stage)
     if stage.rank == 0:
@@ -593,27 +538,23 @@ def phase_video(cfg, stage):
 
 
 def eval_models(cfg, stage):
-    """The models phase eval compares, each with its text guidance: the video model, the video
-    prior it may have started from (before any 3D fine-tune), and the image model."""
+    """The models phase eval compares, each with its guidance: video model, video prior, image."""
     video, _ = model.load_unet(stage.out / "video_model.safetensors", "video_model", HINT_VIDEO)
     image, _ = model.load_unet(stage.out / "image_model.safetensors", "image_model", HINT_IMAGE)
     nets = {"video_model": (video, cfg.video_guidance)}
     path = start_path(cfg.pretrained, cfg, "pretrained_video")
-    if path.is_file():
-        prior, _ = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)
-        if prior.config.frames == stage.views and same_spatial_weights(image, prior):
-            nets["pretrained_video"] = (prior, cfg.video_guidance)
-    if "pretrained_video" not in nets:
+    prior = model.load_unet(path, "pretrained_video", HINT_PRETRAIN)[0] if path.is_file() else None
+    if prior is not None and prior.config.frames == stage.views and same_spatial(image, prior):
+        nets["pretrained_video"] = (prior, cfg.video_guidance)
+    else:
         print(f"note: no video prior of this image model ({path}): its row is left out")
     nets["image_model_per_frame"] = (image, cfg.guidance)
     return {name: (net.to(stage.device).eval(), g) for name, (net, g) in nets.items()}
 
 
 def phase_eval(cfg, stage):
-    """Orbits from (view 0, caption) of held-out assets: (a) the video model, (b) the video prior
-    before its 3D fine-tune, (c) the image model frame by frame with the same noise, (d) a copy
-    of the input view, (e) white; scored over views 1..V-1 and the far ones -> metrics.json,
-    eval_grid.png, eval.gif."""
+    """Orbits of held-out assets from (view 0, caption) by eval_models (the same noise), a copy of
+    view 0 and white, scored over views 1..V-1 and the far ones -> metrics.json and pictures."""
     if stage.rank != 0:
         return
     nets = eval_models(cfg, stage)
@@ -622,8 +563,7 @@ def phase_eval(cfg, stage):
     gens = {}
     for name, (net, guidance) in render.progress(nets.items(), desc="phase eval", leave=False):
         gens[name] = sample_orbits(cfg, net, caps, true[:, 0], guidance, stage)
-    gens["copy_input"] = true[:, :1].expand_as(true)
-    gens["white"] = torch.ones_like(true)
+    gens |= dict(copy_input=true[:, :1].expand_as(true), white=torch.ones_like(true))  # baselines
     clf = model.find_classifier(cfg.out, cfg.preset)
 
     def score(idx):
@@ -639,7 +579,11 @@ def phase_eval(cfg, stage):
     image = nets["image_model_per_frame"][0]
     faith = caption_faithfulness(cfg, image, prompts, stage.device, clf=clf)
     scores["rows"]["image_model_per_frame"] |= faith
-    write_eval_pictures(stage.out, gens["video_model"], true)
+    # the video model's first 8 orbits beside the truth: eval_grid.png (a row each), eval.gif
+    pairs = [torch.cat([g, t], -1).add(1).div(2) for g, t in zip(gens["video_model"][:8], true)]
+    save_grid(stage.out / "eval_grid.png", pairs)
+    frames = torch.stack([torch.cat([p[v] for p in pairs], -2) for v in range(stage.views)])
+    render.save_gif(stage.out / "eval.gif", frames.clamp(0, 1), 3, duration=0.25)
     seconds = round(time.time() - stage.start, 1)
     metrics = dict(stage="finetune_video", preset=cfg.preset, seconds=seconds, n_objects=len(true))
     render.save_json(stage.out / "metrics.json", metrics | scores)
@@ -647,26 +591,18 @@ def phase_eval(cfg, stage):
 
 
 # ------------------------------------------------------------------------------------------- main
-PHASES = dict(
-    image=phase_image,
-    classifier=phase_classifier,
-    pretrain=phase_pretrain,
-    video=phase_video,
-    eval=phase_eval,
-)
+PHASES = dict(image=phase_image, classifier=phase_classifier, pretrain=phase_pretrain)
+PHASES |= dict(video=phase_video, eval=phase_eval)
 
 
 def for_this_world(path):
     """Whether a model file exists and was made for this code's world."""
-    if not path.is_file():
-        return False
-    return render.load_tensors(path)[1].get("world_version") == str(render.WORLD_VERSION)
+    version = render.load_tensors(path)[1].get("world_version") if path.is_file() else None
+    return version == str(render.WORLD_VERSION)
 
 
 def phases_to_run(cfg):
-    """--phase auto: image, classifier and pretrain where this world has no such model of its own
-    or shipped (pretrain also after a new image model; not with --from_image_model), then video
-    and eval."""
+    """--phase auto: image, classifier, pretrain where this world lacks them; then video, eval."""
     if cfg.phase != "auto":
         if cfg.phase not in PHASES:
             raise render.DataError(f"--phase {cfg.phase}: pick auto or one of {', '.join(PHASES)}")

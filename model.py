@@ -1,7 +1,6 @@
-"""Everything learned, from the caption and the image to the pixels, in reading order; then
-the training utilities every script shares. Imports render.py for cameras, marching cubes and
-files. Paper: VFusion3D Sec. 3.1 (the video model: temporal layers on frozen spatial layers)
-and Sec. 3.2 (the LRM).
+"""Everything learned, from the caption and the image to the pixels, in reading order; then the
+training utilities every script shares. Imports render.py for cameras, marching cubes and files.
+Paper: VFusion3D Sec. 3.1 (the video model: temporal layers on frozen spatial layers), 3.2 (LRM).
 
 Contents, in reading order:
 Part 1: the text encoder
@@ -49,17 +48,15 @@ import render
 # ==================================================================================================
 # Part 1: the text encoder
 # ==================================================================================================
-# Token ids before the vocabulary's: padding, a word the encoder never saw, the start token that
-# begins every caption (the empty caption of classifier-free guidance is [START] alone).
-PAD = 0
-UNKNOWN = 1
-START = 2
+# Token ids before the vocabulary's
+PAD = 0  # padding
+UNKNOWN = 1  # a word the encoder never saw
+START = 2  # begins every caption; the empty caption of classifier-free guidance is [START] alone
 
 
 class TextEncoder(nn.Module):
     """Word-level tokens -> a small pre-norm transformer -> per-token features (B,L,D) and a pooled
-    vector (B,D) from the START token. An empty caption (for classifier-free guidance) is
-    [START]."""
+    vector (B,D) from the START token."""
 
     def __init__(self, vocab, dim=64, layers=2, max_len=32):
         super().__init__()
@@ -166,17 +163,14 @@ class SpatialAttention(nn.Module):
 
 
 class TemporalLayer(nn.Module):
-    """Temporal layer (inserted after a spatial block): a circular 1D convolution over the frames
-    and attention across them with a frame-position embedding. Both are residual branches whose
-    output projections start at zero, so at insertion the block is the identity. At the
-    resolutions of mv_attn_res the attention spans every pixel of every frame (multi-view
-    attention, as in MVDream): a part can be followed as it moves across the image."""
+    """Temporal layer (after a spatial block): a circular 1D convolution over the frames, then
+    attention across them with a frame-position embedding. Both are residual branches whose output
+    projections start at zero, so at insertion the block is the identity. At mv_attn_res resolutions
+    attention spans all frames' pixels (as in MVDream) to follow a part as it moves."""
 
     def __init__(self, dim, frames, heads=4, mv_attn_res=0):
         super().__init__()
-        self.multiview = (
-            mv_attn_res > 0
-        )  # mv_attn_res: this layer's resolution if multi-view, else 0
+        self.multiview = mv_attn_res > 0  # mv_attn_res: this layer's resolution, or 0
         self.heads = heads if self.multiview else 1  # one head over 8 frames is faster, as good
         if self.multiview:
             self.pixel_pos = nn.Parameter(torch.randn(mv_attn_res * mv_attn_res, dim) * 0.02)
@@ -258,10 +252,9 @@ def unet_blocks(cfg, emb):
 
 
 class UNet(nn.Module):
-    """Text-to-image UNet (the spatial layers) that becomes a video UNet when frames > 0: then a
-    TemporalLayer follows every residual and attention block. Sec. 3.1: only the temporal layers
-    are fine-tuned.
-    x (B*V,3,H,W), t (B*V,) in [0,1], caption ids (B,L) -> v-prediction (B*V,3,H,W)."""
+    """Text-to-image UNet (the spatial layers), a video UNet when frames > 0: then a TemporalLayer
+    follows every residual and attention block (Sec. 3.1: only those are fine-tuned). x (B*V,3,H,W),
+    t (B*V,) in [0,1], caption ids (B,L) -> v-prediction (B*V,3,H,W)."""
 
     def __init__(self, config):
         super().__init__()
@@ -281,10 +274,9 @@ class UNet(nn.Module):
         if config.frames:
             # one temporal layer after each ResBlock and attention block, none after the resamplers
             spatial = [(m.width, r) for role, m, r in blocks if role not in ("pool", "upsample")]
-            multiview = [r if r in config.mv_attn_res else 0 for _, r in spatial]
             self.temporal = nn.ModuleList(
-                TemporalLayer(w, config.frames, mv_attn_res=m)
-                for (w, _), m in zip(spatial, multiview)
+                TemporalLayer(w, config.frames, mv_attn_res=r if r in config.mv_attn_res else 0)
+                for w, r in spatial
             )
 
     def embed_time(self, t):
@@ -303,11 +295,10 @@ class UNet(nn.Module):
         skips = []
         k = 0  # the next temporal layer
         for role, block in zip(self.roles, self.blocks):
-            if role == "pool":
-                h = block(h)
-                continue
             if role == "upsample":
-                h = block(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            if role in ("pool", "upsample"):
+                h = block(h)  # the resamplers read no embedding and have no temporal layer
                 continue
             if role == "up":
                 h = torch.cat([h, skips.pop()], 1)
@@ -331,8 +322,7 @@ def load_unet(path, kind, hint, frames=0, mv_attn_res=()):
     unet = UNet(config)
     if frames and image_model:
         tensors |= {k: v for k, v in unet.state_dict().items() if k.startswith("temporal.")}
-    load_weights(unet, tensors, path)
-    return unet, meta
+    return load_weights(unet, tensors, path), meta
 
 
 # ==================================================================================================
@@ -371,10 +361,9 @@ def guided_v(unet, x, t, ids, frames, guidance):
 
 @torch.no_grad()
 def sample(unet, ids, noise, first=None, *, steps=20, guidance=3.0, temperature=1.0):
-    """DDIM (eta = 0) with classifier-free guidance on the text. ids (B,L); noise (B,V,3,H,W) is
-    the starting noise of V frames; first (B,3,H,W) in [-1,1] is the clean input view for frame 0,
-    or None. temperature scales the starting noise: below 1 the sampler picks likelier, plainer
-    images. -> (B,V,3,H,W) in [-1,1]."""
+    """DDIM (eta = 0), classifier-free guidance on the text: ids (B,L), starting noise (B,V,3,H,W)
+    of V frames, first (B,3,H,W) in [-1,1] the clean input view for frame 0 or None -> (B,V,3,H,W)
+    in [-1,1]. temperature scales the starting noise: below 1 it picks likelier, plainer images."""
     B, frames = noise.shape[:2]
     device = ids.device
     x = noise.to(device) * temperature
@@ -407,16 +396,14 @@ CANONICAL = render.orbit(1)[0][0]  # every source camera is moved here (the orbi
 
 
 def camera_vector(c2w, K):
-    """The 16-number camera: flattened 3x4 pose + normalised fx, fy, cx, cy.
-    (B,4,4), (B,3,3) -> (B,16)."""
+    """The 16-number camera, 3x4 pose + normalised fx, fy, cx, cy: (B,4,4), (B,3,3) -> (B,16)."""
     focal_centre = [K[:, 0, 0:1], K[:, 1, 1:2], K[:, 0, 2:3], K[:, 1, 2:3]]
     return torch.cat([c2w[:, :3, :4].flatten(1), *focal_centre], -1)
 
 
 def canonicalise(c2w_src, c2w):
-    """Rigidly move the world so the source camera sits at CANONICAL; other cameras keep their pose
-    relative to it. c2w_src (B,4,4), c2w (B,V,4,4) -> (B,V,4,4), and the world transform
-    M (B,4,4)."""
+    """Rigidly move the world so the source camera sits at CANONICAL, the others keeping their pose
+    relative to it: c2w_src (B,4,4), c2w (B,V,4,4) -> (B,V,4,4), the world transform M (B,4,4)."""
     M = CANONICAL.to(c2w) @ torch.linalg.inv(c2w_src)
     return M[:, None] @ c2w, M
 
@@ -513,8 +500,7 @@ SKIP_DEPTHS = (-0.8, -0.4, 0.0, 0.4, 0.8)  # where the plane skip reads, along e
 
 def plane_points(n, depths):
     """Cell centres of the xy, xz and yz planes' n x n grids, moved by each offset along the plane's
-    normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate, as in
-    plane_corners."""
+    normal -> (3, D, n, n, 3); grid (row, col) = plane (2nd, 1st) coordinate (as plane_corners)."""
     g = (torch.arange(n) + 0.5) / n * 2 - 1
     v, u = torch.meshgrid(g, g, indexing="ij")
     d = torch.tensor(depths, dtype=torch.float32).view(-1, 1, 1).expand(-1, n, n)
@@ -524,8 +510,7 @@ def plane_points(n, depths):
 
 
 def plane_uv(n, depths):
-    """Where plane_points(n, depths) land in the canonical source view, as grid_sample
-    coordinates -> (1, 3*D*n*n, 1, 2)."""
+    """Where plane_points(n, depths) land in the CANONICAL view: grid_sample's (1,3*D*n*n,1,2)."""
     K = render.intrinsics(render.FOV)
     uv, _ = render.project(plane_points(n, depths).view(-1, 3), CANONICAL, K, 1)
     return (uv * 2 - 1).clamp(-1, 1).view(1, -1, 1, 2)
@@ -534,8 +519,7 @@ def plane_uv(n, depths):
 class LRM(nn.Module):
     """Image + source camera -> triplane -> NeRF. img (B,3,H,W) in [0,1], cam (B,16) -> planes
     (B,3,C,P,P) for the xy, xz and yz planes of the box [-1,1]^3. With plane_skip (not in the
-    paper's LRM), every plane point also reads the input pixels where points along its normal line
-    project (the source camera is always CANONICAL), so the planes get full-resolution detail."""
+    paper's LRM) the planes also read the input pixels at full resolution (skip_features)."""
 
     def __init__(self, config):
         super().__init__()
@@ -600,8 +584,9 @@ class LRM(nn.Module):
         return planes.view(B, 3, *planes.shape[1:])
 
     def skip_features(self, img, R):
-        """Each plane point reads the pixels its normal line crosses: img (B,3,H,W) in [-1,1] ->
-        (B*3, (3+S)*D, R, R), the raw pixels and S learned features at each of the D depths."""
+        """Each plane point reads the pixels where points along its normal project (the source
+        camera is always CANONICAL): img (B,3,H,W) in [-1,1] -> (B*3, (3+S)*D, R, R), the raw
+        pixels and S learned features at each of the D depths."""
         B = img.shape[0]
         f = torch.cat([img, self.skip_conv(img)], 1)  # (B,3+S,H,W)
         s = F.grid_sample(f, self.plane_uv.expand(B, -1, -1, -1), align_corners=False)
@@ -620,9 +605,8 @@ class LRM(nn.Module):
 
     def field(self, planes, pts):
         """field_plain's numbers for less than half the arithmetic (the LRM's step 1.14x faster):
-        the decoder's first layer is linear and so is bilinear sampling, so the two commute. The
-        layer runs once on each object's 3P^2 texels, not on every point, and each point sums the
-        12 texels it reads (plane_corners, TexelGather)."""
+        the decoder's first layer and bilinear sampling are both linear, so they commute. The layer
+        runs once per texel, not per point; each point sums the 12 texels it reads (TexelGather)."""
         B, N = pts.shape[:2]
         C = planes.shape[2]
         P = planes.shape[-1]
@@ -637,8 +621,7 @@ class LRM(nn.Module):
 
     def render(self, planes, c2w, K, res, crop=None, samples=(16, 16), stratified=True):
         """Render cameras c2w (B,V,4,4), K (B,V,3,3) at res x res (or a crop (top, left, size) of
-        it) with samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w):
-        the rays (render.camera_rays), then render_rays."""
+        it), samples = (coarse, fine) per ray -> rgb (B,V,3,h,w) on white, opacity (B,V,1,h,w)."""
         B, V = c2w.shape[:2]
         if V > 1 and not torch.is_grad_enabled():
             # without gradients, a view at a time: the field's activations stay in the CPU's cache
@@ -647,9 +630,8 @@ class LRM(nn.Module):
             return tuple(torch.cat(parts, 1) for parts in zip(*views))
         o, d = render.camera_rays(c2w.flatten(0, 1), K.flatten(0, 1), res, crop)  # (B*V,h,w,3)
         h, w = o.shape[1:3]
-        rgb, acc = self.render_rays(
-            planes, o.reshape(B, -1, 3), d.reshape(B, -1, 3), samples, stratified
-        )
+        rays = [z.reshape(B, -1, 3) for z in (o, d)]  # (B,V*h*w,3) each
+        rgb, acc = self.render_rays(planes, *rays, samples, stratified)
         return rgb.view(B, V, h, w, 3).permute(0, 1, 4, 2, 3), acc.view(B, V, 1, h, w)
 
     def render_rays(self, planes, o, d, samples=(16, 16), stratified=True):
@@ -661,19 +643,14 @@ class LRM(nn.Module):
             sigma, rgb = self.field(planes, p.reshape(B, -1, 3))
             return sigma.view(p.shape[:2]), rgb.reshape(*p.shape[:2], 3)
 
-        n_coarse, n_fine = samples
-        rgb, acc, _ = volume_render(
-            field, o.reshape(-1, 3), d.reshape(-1, 3), n_coarse, n_fine, stratified
-        )
+        rgb, acc, _ = volume_render(field, o.reshape(-1, 3), d.reshape(-1, 3), *samples, stratified)
         return rgb.view(B, -1, 3), acc.view(B, -1)
 
 
 def load_lrm(path, hint):
     """Rebuild an LRM from its checkpoint (its own config travels in the metadata)."""
     tensors, config, meta = load_checkpoint(path, "lrm", hint, LRMConfig)
-    lrm = LRM(config)
-    load_weights(lrm, tensors, path)
-    return lrm.eval(), meta
+    return load_weights(LRM(config), tensors, path).eval(), meta
 
 
 # ------------------------------------------------------------------------------- reading the planes
@@ -681,9 +658,8 @@ def plane_corners(pts, P):
     """Where points (B,N,3) in [-1,1]^3 read P x P triplanes: on each of the xy, xz and yz planes
     the 4 texels around the point's projection, with their bilinear weights -> rows (B*N,12) of
     the texel table (object b's plane k fills rows (3b+k)P^2 to (3b+k+1)P^2, row-major), weights
-    (B*N,12), plane k in columns 4k..4k+3. grid_sample's convention (align_corners=False): texel
-    centres at (i+0.5)/P*2-1, zero outside; a plane's columns follow its first axis, rows the
-    second."""
+    (B*N,12), plane k in columns 4k..4k+3. As grid_sample (align_corners=False): texel centres at
+    (i+0.5)/P*2-1, zero outside; a plane's columns follow its first axis, rows the second."""
     B, N = pts.shape[:2]
     uv = torch.stack([pts[..., [0, 1]], pts[..., [0, 2]], pts[..., [1, 2]]], 2)  # (B,N,3,2)
     x = ((uv + 1) * P - 1) / 2  # in texels: (column, row)
@@ -770,11 +746,10 @@ def sample_pdf(w, bins, n, stratified):
 
 
 def volume_render(field, o, d, n_coarse, n_fine, stratified=True):
-    """Render rays o, d (R,3) through field (points (R,S,3) to density (R,S) >= 0, colour (R,S,3)).
-    Stratified coarse samples in the box place n_fine importance samples (inverse CDF of the coarse
-    weights); both sets are merged and composited on white. With n_fine > 0 the coarse pass runs
-    without gradient: it only finds the surface, and the fine samples carry the learning signal.
-    -> rgb (R,3), opacity (R,), depth (R,)."""
+    """Render rays o, d (R,3) through field (points (R,S,3) to density (R,S) >= 0, colour (R,S,3))
+    -> rgb (R,3), opacity (R,), depth (R,). Stratified coarse samples in the box place n_fine
+    importance samples (inverse CDF of the coarse weights); all are composited on white. With
+    n_fine > 0 the coarse pass has no gradient: it only finds the surface, the fine ones learn."""
     near, far, valid = ray_box(o, d)
     far = torch.where(valid, far, near + 1e-3)
     edges = torch.linspace(0, 1, n_coarse + 1)
@@ -811,8 +786,7 @@ def lrm_mesh(lrm, planes, res, level, coarse=1):
     v, f, _, _ = render.drop_floaters(v, f, v)
     if len(v) == 0:
         return v, f, torch.zeros(0, 3)
-    rgb = lrm.field(planes[None], v[None].to(planes.device))[1][0].float().cpu()
-    return v, f, rgb
+    return v, f, lrm.field(planes[None], v[None].to(planes.device))[1][0].float().cpu()
 
 
 def ssim_loss(x, y, window=7):
@@ -845,9 +819,8 @@ class ClassifierConfig:
 
 class Classifier(nn.Module):
     """The paper's pretrained perception models in miniature (its DINO-feature filter, its CLIP
-    scores): a small CNN that names a view's category and its main colour, trained on the single
-    views. Three stages of two 3x3 convolutions (the second halves the size), then the mean over
-    the image. Views (B,3,H,W) in [0,1] on white -> category logits (B,16), colour logits (B,8)."""
+    scores): a small CNN, trained on the single views, that names a view's category and its main
+    colour. Views (B,3,H,W) in [0,1] on white -> category logits (B,16), colour logits (B,8)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -882,9 +855,7 @@ def load_classifier(path):
     """A classifier checkpoint -> the model, in eval mode."""
     hint = "python finetune_video.py --phase classifier"
     tensors, config, _ = load_checkpoint(path, "classifier", hint, ClassifierConfig)
-    clf = Classifier(config)
-    load_weights(clf, tensors, path)
-    return clf.eval()
+    return load_weights(Classifier(config), tensors, path).eval()
 
 
 @torch.no_grad()
@@ -940,15 +911,13 @@ def view_metrics(pred, true):
 
 
 def chamfer_fscore(pred, gt, tau=0.05):
-    """Chamfer-L1 (mean of the two directed mean distances) and F-score at tau,
-    points (N,3), (M,3)."""
+    """Chamfer-L1 (mean of the two directed mean distances), F-score at tau; points (N,3), (M,3)."""
 
     def nearest_distances(a, b):
         """For each point of a, the distance to the nearest point of b, 2048 rows at a time."""
         exact = "donot_use_mm_for_euclid_dist"  # the matrix-product shortcut is imprecise near 0
-        return torch.cat(
-            [torch.cdist(x, b, compute_mode=exact).min(1).values for x in a.split(2048)]
-        )
+        rows = [torch.cdist(x, b, compute_mode=exact).min(1).values for x in a.split(2048)]
+        return torch.cat(rows)
 
     d_pg = nearest_distances(pred, gt)
     d_gp = nearest_distances(gt, pred)
@@ -992,11 +961,10 @@ def evaluate_object(lrm, folder, device, mesh_res, level):
 
 @torch.no_grad()
 def evaluate_lrm(lrm, folders, device, mesh_res=64, level=5.0, clf=None):
-    """The held-out evaluation of an LRM: input = view 0; PSNR/SSIM/colour of the other views,
-    Chamfer-L1 and F-score (tau 0.05) of the mesh against the true surface, and with a classifier
-    clf the views' category_acc and color_acc; with the baselines "copy the input view" and "a
-    sphere of radius 0.5", over all folders and the seen and unseen categories apart
-    -> ({"rows", "splits"}, rendered views (N,V-1,3,H,W))."""
+    """Held-out evaluation of an LRM, input = view 0: PSNR/SSIM/colour of the other views,
+    Chamfer-L1 and F-score of the mesh against the true surface, with clf their category_acc and
+    color_acc; beside the baselines "copy the input view" and "a sphere of radius 0.5"; over all
+    folders, and seen and unseen categories apart -> ({"rows", "splits"}, views (N,V-1,3,H,W))."""
     gen = torch.Generator().manual_seed(0)
     ball = F.normalize(torch.randn(10000, 3, generator=gen), dim=-1) * 0.5  # sphere of radius 0.5
     obs = [evaluate_object(lrm, folder, device, mesh_res, level) for folder in folders]
@@ -1129,23 +1097,18 @@ def save_checkpoint(path, tensors, kind, config, **extra):
 
 
 def load_checkpoint(path, kind, hint, config_class=dict):
-    """-> (tensors, config (a config_class built from the metadata), metadata). A checkpoint of
-    another kind, world or version of this code, or one holding weights that are not finite, is
-    a one-line DataError."""
+    """-> (tensors, config_class(**the metadata's config), metadata). A checkpoint of another kind,
+    world or code version, or with NaN or inf weights, is a one-line DataError."""
     if not os.path.isfile(path):
         raise render.DataError(f"{path}: checkpoint missing; run `{hint}` first")
     tensors, meta = render.load_tensors(path)
     found = meta.get("kind", "unknown")
     if found != kind:
-        raise render.DataError(
-            f"{path}: is a {found!r} checkpoint, expected {kind!r}; "
-            f"pass the right file or run `{hint}`"
-        )
+        why = f"is a {found!r} checkpoint, expected {kind!r}; pass the right file or run `{hint}`"
+        raise render.DataError(f"{path}: {why}")
     if meta.get("world_version") != str(render.WORLD_VERSION):
-        raise render.DataError(
-            f"{path}: made for world v{meta.get('world_version')}, "
-            f"this code is v{render.WORLD_VERSION}; run `{hint}` again"
-        )
+        why = f"made for world v{meta.get('world_version')}, this code is v{render.WORLD_VERSION}"
+        raise render.DataError(f"{path}: {why}; run `{hint}` again")
     try:
         config = config_class(**json.loads(meta["config"]))
     except (KeyError, ValueError, TypeError) as e:
@@ -1159,10 +1122,8 @@ def load_checkpoint(path, kind, hint, config_class=dict):
 def check_finite(loss, step, state):
     """Stop a run whose loss is no longer a number, before any bad weights are saved."""
     if not torch.isfinite(loss):
-        raise render.DataError(
-            f"the loss is {loss.item()} at step {step}: training stopped, the last good state is "
-            f"{state}; check the data for NaN, or lower the learning rate"
-        )
+        why = f"the loss is {loss.item()} at step {step}: training stopped, the last good state is"
+        raise render.DataError(f"{why} {state}; check the data for NaN, or lower the learning rate")
 
 
 def saved_step(meta, path, steps):
@@ -1187,12 +1148,12 @@ def find_weights(out, preset, name):
 
 
 def load_weights(module, tensors, path, prefix=""):
-    """Copy tensors into module; mismatched names or shapes are a one-line DataError."""
+    """Copy tensors into module -> module; mismatched names or shapes are a one-line DataError."""
     own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         module.load_state_dict(own)
     except RuntimeError as e:
         first = (str(e).split("\n")[1:] or [str(e)[:200]])[0].strip()  # the first mismatch
-        raise render.DataError(
-            f"{path}: does not fit this model ({first}); was it made with another config?"
-        ) from None
+        why = f"does not fit this model ({first}); was it made with another config?"
+        raise render.DataError(f"{path}: {why}") from None
+    return module
