@@ -1122,8 +1122,9 @@ def load_checkpoint(path, kind, hint, config_class=dict):
 def check_finite(loss, step, state):
     """Stop a run whose loss is no longer a number, before any bad weights are saved."""
     if not torch.isfinite(loss):
-        why = f"the loss is {loss.item()} at step {step}: training stopped, the last good state is"
-        raise render.DataError(f"{why} {state}; check the data for NaN, or lower the learning rate")
+        stopped = f"the loss is {loss.item()} at step {step}: training stopped"
+        advice = "check the data for NaN, or lower the learning rate"
+        raise render.DataError(f"{stopped}, the last good state is {state}; {advice}")
 
 
 def saved_step(meta, path, steps):
