@@ -616,13 +616,14 @@ def render_split(cfg, split, root):
     ids = [f"{i:05d}" for i in range(set_size(cfg, split))]
     todo = [i for i in ids if not is_complete(root, i, views, extra)]
     V = views or 1
+    ring = orbit(V)  # every asset's and image's cameras; a web clip draws its own
     per = max(1, cfg.batch // V)  # objects per batch
     batches = range(0, len(todo), per)
     for start in progress(batches, desc=f"stage 0 {split:11s}", unit="batch", disable=not todo):
         chunk = todo[start : start + per]
         objs = [world_object(cfg, split, int(i)) for i in chunk]
         seeds = [object_seed(cfg, split, int(i)) for i in chunk]
-        cams = [clip_cameras(s, V) if split == "videos" else orbit(V) for s in seeds]
+        cams = [clip_cameras(s, V) if split == "videos" else ring for s in seeds]
         c2w = torch.cat([c for c, _ in cams])  # (len(chunk)*V,4,4)
         K = torch.cat([k for _, k in cams])
         owner = torch.arange(len(chunk)).repeat_interleave(V)  # the object of each image

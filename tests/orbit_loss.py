@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
@@ -22,7 +23,11 @@ import render  # noqa: E402
 
 def load(path):
     """A stage-1 checkpoint (a video prior or a fine-tuned video model) -> {label: UNet}."""
-    kind = render.load_tensors(path)[1].get("kind", "")
+    try:
+        with safe_open(str(path), framework="pt") as f:  # the header only: load_unet reads the rest
+            kind = (f.metadata() or {}).get("kind", "")
+    except Exception as e:
+        raise render.DataError(f"{path}: not a readable safetensors file ({type(e).__name__})")
     if kind not in ("pretrained_video", "video_model"):
         raise render.DataError(f"{path}: a {kind or 'unknown'} file, not a video model")
     unet = model.load_unet(path, kind, "python finetune_video.py")[0].eval()

@@ -19,7 +19,7 @@ from conftest import ROOT
 SCRIPTS = ["finetune_video.py", "generate_views.py", "train_lrm.py", "finetune_3d.py", "infer.py"]
 BUDGETS = {name: 400 for name in SCRIPTS} | {"finetune_video.py": 650}
 # The aim for the shared modules is render.py 1,450 and model.py 1,100 lines; with the video prior
-# and the input checks they hold 1,841 and 1,160 (docs/log.md, 2026-12-07, "the house
+# and the input checks they hold 1,842 and 1,160 (docs/log.md, 2026-12-07, "the house
 # re-planned"). These ceilings stop them growing until they are cut.
 BUDGETS |= {"render.py": 1845, "model.py": 1160}
 
