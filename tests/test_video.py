@@ -213,9 +213,9 @@ def test_resume_refuses_other_training_settings_but_not_sampling_ones(tmp_path, 
     flags = "--phase image --image_steps 6 --ckpt_every 3".split()
     cmd = ["finetune_video.py", "--preset", "micro", "--out", tmp_path, *flags]
     run_script(*cmd)
-    # sampling settings, and phase video's
-    for other in (["--sample_steps", "3", "--temperature", "0.5"], ["--video_lr", "0.01"]):
-        assert "resuming image_model from step 6" in run_script(*cmd, *other).stdout
+    # sampling settings, and phase video's, in one run
+    other = ["--sample_steps", "3", "--temperature", "0.5", "--video_lr", "0.01"]
+    assert "resuming image_model from step 6" in run_script(*cmd, *other).stdout
     p = run_script(*cmd, "--image_lr", "0.001", check=False)
     assert one_line_error(p) and "from another config" in p.stderr
 
